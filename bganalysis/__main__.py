@@ -1,0 +1,5 @@
+import sys
+
+from bganalysis.cli import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""Command-line entry point: `bganalysis <command> ...`.
+
+Each command lives in `bganalysis/commands/<name>.py` with a `register(subparsers)`
+function that adds its parser and sets `func`. Heavy imports (torch, transformers) happen
+inside the commands, so `bganalysis --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from bganalysis.errors import UserError
+
+COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bganalysis",
+        description="Distil students from a teacher and measure exposure bias and Bridge/Garden risk.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"bganalysis.commands.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except UserError as error:
+        print(f"bganalysis {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bganalysis {args.command}: interrupted; finished outputs are kept", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

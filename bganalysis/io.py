@@ -1,0 +1,133 @@
+"""Atomic file output and prompt-file loading.
+
+Every file the toolkit writes goes to a temporary name in the same folder first and is
+then renamed, so an interrupted run never leaves a half-written table behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from bganalysis.errors import UserError
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot serialise {type(value).__name__} to JSON")
+
+
+def atomic_write_parquet(path: str | os.PathLike, frame) -> None:
+    """Write a pandas DataFrame as Parquet through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside `path` and rename it to `path` on success.
+
+    An existing folder at `path` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
+    """Read prompts as a list of `{"id", "prompt", "response"?}` rows.
+
+    Accepted: JSONL with a `prompt` field and an optional `response` (plain or .gz), and
+    benchmark files that carry a `prompt` field under another id key (HumanEval's
+    `task_id`). Raises UserError naming the file and line for anything malformed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows: list[dict] = []
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                rows.append(_parse_prompt_line(path, number, line))
+                if limit is not None and len(rows) >= limit:
+                    break
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not valid UTF-8 ({error.reason} at byte {error.start}); re-encode the file as UTF-8") from None
+    except (OSError, EOFError) as error:
+        raise UserError(f"{path}: cannot read ({error}); check the file is a readable JSONL or .jsonl.gz file") from None
+    if not rows:
+        raise UserError(f"{path}: no prompts found (the file is empty); add one {{\"prompt\": ...}} object a line")
+    return rows
+
+
+def _parse_prompt_line(path: Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}:{number}: malformed JSON ({error.msg}); each line must be one JSON object") from None
+    if not isinstance(record, dict):
+        raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str):
+        raise UserError(f"{path}:{number}: missing the string field \"prompt\"; each line needs {{\"prompt\": \"...\"}}")
+    response = record.get("response")
+    if response is not None and not isinstance(response, str):
+        raise UserError(f"{path}:{number}: field \"response\" must be a string, found {type(response).__name__}")
+    doc_id = record.get("id", record.get("task_id", f"line{number}"))
+    return {"id": str(doc_id), "prompt": prompt, "response": response}
