@@ -1,0 +1,142 @@
+"""Figures of an analysis: EB per step, EB per region, and per-token kappa maps."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+REGION_COLOURS = {"bridge": "#c0392b", "garden": "#27ae60", "": "#7f8c8d"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt
+
+
+def _save(figure, folder: Path, name: str) -> None:
+    from bganalysis.io import atomic_write_bytes
+    import io
+
+    for suffix in ("png", "svg"):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=suffix, dpi=130, bbox_inches="tight")
+        atomic_write_bytes(folder / f"{name}.{suffix}", buffer.getvalue())
+
+
+def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFrame, summary: dict, heatmap_docs: int) -> None:
+    """Write eb_per_step, eb_regions, kappa_map (and kappa_vs_exact on the lab) as PNG and SVG."""
+    plt = _pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, draw in (("eb_per_step", plot_eb_per_step), ("eb_regions", plot_eb_regions)):
+        figure = draw(plt, steps if name == "eb_per_step" else summary)
+        _save(figure, folder, name)
+        plt.close(figure)
+    first_model = tokens.model.iloc[0]
+    positions = tokens[tokens.model == first_model]
+    figure = plot_kappa_map(plt, positions, heatmap_docs)
+    _save(figure, folder, "kappa_map")
+    plt.close(figure)
+    if "exact_kappa" in positions:
+        figure = plot_kappa_vs_exact(plt, positions, summary)
+        _save(figure, folder, "kappa_vs_exact")
+        plt.close(figure)
+
+
+def plot_eb_per_step(plt, steps: pd.DataFrame):
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model, frame in steps.groupby("model", sort=False):
+        frame = frame[frame.tf_count > 0]
+        line, = axes[0].plot(frame.step, frame.eb, label=model)
+        axes[0].fill_between(frame.step, frame.eb_low, frame.eb_high, color=line.get_color(), alpha=0.2)
+        axes[1].plot(frame.step, frame.tf, color=line.get_color(), label=f"{model} TF")
+        axes[1].plot(frame.step, frame.ro, color=line.get_color(), linestyle="--", label=f"{model} RO")
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    axes[0].set(xlabel="decoding step t (tokens)", ylabel="EB(t) = RO(t) - TF(t) (nats)", title="Exposure bias per step")
+    axes[1].set(xlabel="decoding step t (tokens)", ylabel="loss (nats, forward KL)", title="Teacher-forced (solid) vs own prefixes (dashed)")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    return figure
+
+
+def plot_eb_regions(plt, summary: dict):
+    students = list(summary["students"])
+    regions = ["overall", "bridge", "garden"]
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / max(len(students), 1)
+    for index, name in enumerate(students):
+        entry = summary["students"][name]
+        for axis, metric in zip(axes, ("eb", "tf")):
+            values = [entry[f"{metric}_{r}"] if entry[f"{metric}_{r}"] is not None else np.nan for r in regions]
+            intervals = [entry[f"{metric}_{r}_ci"] for r in regions]
+            low = [v - (c[0] if c[0] is not None else v) for v, c in zip(values, intervals)]
+            high = [(c[1] if c[1] is not None else v) - v for v, c in zip(values, intervals)]
+            x = np.arange(len(regions)) + index * width
+            axis.bar(x, values, width, yerr=[low, high], capsize=3, label=name)
+    for axis, title in zip(axes, ("Exposure bias by region", "Teacher-forced loss by region")):
+        axis.set_xticks(np.arange(len(regions)) + width * (len(students) - 1) / 2, regions)
+        axis.set(title=title, ylabel="nats per token (95% bootstrap CI)")
+        axis.axhline(0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 24):
+    """Tokens laid out as text, each cell coloured by kappa, with the region marked below."""
+    doc_ids = list(dict.fromkeys(positions.doc_id))[:max_docs]
+    lines = []
+    for doc_id in doc_ids:
+        doc = positions[positions.doc_id == doc_id].sort_values("position")
+        lines.append((f"{doc_id}", None))
+        for start in range(0, len(doc), per_line):
+            lines.append((None, doc.iloc[start:start + per_line]))
+    kappa = positions.kappa.to_numpy()
+    low, high = np.nanpercentile(kappa, 2), np.nanpercentile(kappa, 98)
+    import matplotlib
+
+    colormap = matplotlib.colormaps["magma_r"]
+    norm = matplotlib.colors.Normalize(vmin=low, vmax=high if high > low else low + 1)
+    figure, axis = plt.subplots(figsize=(13, 0.42 * len(lines) + 1))
+    for row, (title, chunk) in enumerate(lines):
+        y = len(lines) - row
+        if title is not None:
+            axis.text(0, y, title, fontsize=9, fontweight="bold", va="center")
+            continue
+        for column, (_, token) in enumerate(chunk.iterrows()):
+            colour = colormap(norm(token.kappa))
+            axis.add_patch(matplotlib.patches.Rectangle((column, y - 0.4), 0.95, 0.8, color=colour))
+            text = str(token.token).replace("\n", "\\n")[:7]
+            axis.text(column + 0.47, y, text, ha="center", va="center", fontsize=6.5,
+                      color="white" if norm(token.kappa) > 0.6 else "black")
+            axis.plot([column + 0.05, column + 0.9], [y - 0.45] * 2, color=REGION_COLOURS.get(token.region, "#7f8c8d"), linewidth=2)
+    axis.set_xlim(0, per_line)
+    axis.set_ylim(0, len(lines) + 1)
+    axis.axis("off")
+    axis.set_title("kappa per token (darker = riskier); underline: red = Bridge, green = Garden, grey = unlabelled")
+    figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, fraction=0.02, label="kappa (nats)")
+    return figure
+
+
+def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict):
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    for role, frame in positions.groupby("true_role"):
+        axis.scatter(frame.exact_kappa, frame.kappa, s=10, alpha=0.6, label=f"true {role}",
+                     color=REGION_COLOURS.get(role, "#7f8c8d"))
+    rho = summary["kappa"].get("spearman_vs_exact")
+    axis.set(xlabel="exact kappa (nats, dynamic programming)", ylabel="Monte-Carlo kappa (nats)",
+             title=f"Lab: estimate vs exact (Spearman rho = {rho:.3f})" if rho is not None else "Lab: estimate vs exact")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,88 @@
+"""Per-position risk kappa: action sets, the Monte-Carlo estimator and the exact lab value.
+
+For a state s with action set A and teacher weights w (teacher mass renormalised on A):
+Q(s, a) is the loss-to-go after forcing a, Q_bar = sum_a w_a Q(s, a), and
+
+    kappa(s)        = sum_a (Q(s, a) - Q_bar)      (signed)
+    kappa_abs(s)    = sum_a |Q(s, a) - Q_bar|
+    kappa_spread(s) = sum_a w_a |Q(s, a) - Q_bar|
+
+kappa is linear in Q: kappa = sum_a c_a Q(s, a) with c_a = 1 - |A| w_a.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from bganalysis.rollout import ModelRunner, rollouts_after_actions
+
+
+def select_actions(teacher_logprobs: torch.Tensor, k: int) -> torch.Tensor:
+    """Return the teacher's top-k token ids [k]; ties go to the smaller id (stable sort)."""
+    order = torch.sort(teacher_logprobs, descending=True, stable=True).indices
+    return order[:k]
+
+
+def action_weights(teacher_logprobs: torch.Tensor, actions: torch.Tensor) -> np.ndarray:
+    """Teacher probabilities of `actions`, renormalised to sum to 1, [K] float64."""
+    probs = teacher_logprobs.double().exp()[actions].numpy()
+    return probs / probs.sum()
+
+
+def kappa_from_q(q: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """kappa, kappa_abs, kappa_spread and Q_bar from Q values.
+
+    `q` is [K] or [R, K] (R paired rollouts, sharing random numbers across actions);
+    the result holds one value per leading row.
+    """
+    q_bar = (q * weights).sum(axis=-1, keepdims=True)
+    deviation = q - q_bar
+    return {
+        "kappa": deviation.sum(axis=-1),
+        "kappa_abs": np.abs(deviation).sum(axis=-1),
+        "kappa_spread": (weights * np.abs(deviation)).sum(axis=-1),
+        "q_bar": q_bar[..., 0],
+    }
+
+
+def monte_carlo_kappa(
+    teacher: ModelRunner,
+    student: ModelRunner,
+    prefix_length: int,
+    teacher_logprobs: torch.Tensor,
+    num_actions: int,
+    rollouts: int,
+    horizon: int,
+    generator: torch.Generator,
+    eos_ids: set[int],
+) -> dict[str, float]:
+    """Student-aware Monte-Carlo kappa at one position (both runners hold the document).
+
+    Q(s, a) is the mean over R teacher rollouts of the summed per-state loss of the
+    student over the H states after a. The R rollouts of all K actions use the same
+    uniforms (common random numbers), so each rollout index gives one paired kappa
+    sample and the standard error is the spread of those R samples over sqrt(R).
+    """
+    actions = select_actions(teacher_logprobs, num_actions)
+    weights = action_weights(teacher_logprobs, actions)
+    shared = torch.rand(rollouts, horizon - 1, generator=generator)
+    uniforms = shared.expand(len(actions), rollouts, horizon - 1)
+    sample = rollouts_after_actions(teacher, {"student": student}, prefix_length, actions, uniforms, eos_ids)
+
+    q_per_rollout = sample.losses["student"].sum(dim=1).double().numpy().reshape(len(actions), rollouts).T
+    per_rollout = kappa_from_q(q_per_rollout, weights)
+    result = {name: float(values.mean()) for name, values in per_rollout.items()}
+    spread = per_rollout["kappa"].std(ddof=1) if rollouts > 1 else float("nan")
+    result["kappa_se"] = float(spread / np.sqrt(rollouts))
+    result["actions"] = actions.tolist()
+    result["q"] = q_per_rollout.mean(axis=0).tolist()
+    return result
+
+
+def teacher_proxies(teacher_logprobs: torch.Tensor) -> dict[str, float]:
+    """Cheap risk proxies at one state: entropy (nats), p_max and the top-1/top-2 margin."""
+    probs = teacher_logprobs.double().exp()
+    top = torch.topk(probs, 2).values
+    entropy = -(probs * teacher_logprobs.double()).nansum()
+    return {"teacher_entropy": float(entropy), "teacher_pmax": float(top[0]), "teacher_margin": float(top[0] - top[1])}

@@ -1,0 +1,170 @@
+"""Turn per-document results into tokens.parquet, steps.parquet, summary.json and figures."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from bganalysis.analysis.labels import label_frame, set_agreement
+from bganalysis.analysis.statistics import bootstrap_weights, region_summary, step_table
+from bganalysis.io import atomic_write_json, atomic_write_parquet
+
+log = logging.getLogger(__name__)
+
+PROXY_RISK_SCORES = {"teacher_pmax": 1.0, "teacher_margin": 1.0, "teacher_entropy": -1.0}
+
+
+def write_outputs(config, setup, results) -> dict:
+    """Aggregate, label, write every table and figure; return the summary."""
+    from bganalysis.analysis import figures
+    from bganalysis.analysis.pipeline import config_dict, step_arrays
+
+    out = Path(config.out)
+    positions = position_frame(setup, results)
+    positions["region"], thresholds = label_frame(positions, config.label_ranking, config.bridge_fraction,
+                                                  config.garden_fraction, config.label_scope)
+    has_exact = "exact_kappa" in positions
+    if has_exact:
+        exact_column = "exact_" + config.label_ranking
+        positions["exact_region"], _ = label_frame(positions, exact_column, config.bridge_fraction,
+                                                   config.garden_fraction, config.label_scope)
+
+    max_steps = max(max(len(r.doc.response_ids) for r in results), config.max_new_tokens)
+    weights = bootstrap_weights(len(results), config.bootstrap, config.seed)
+    region_masks = _region_masks(positions, results, max_steps)
+
+    step_frames, students = [], {}
+    for name in setup.students:
+        arrays = step_arrays(results, name, max_steps)
+        table = step_table(arrays, weights)
+        frame = pd.DataFrame(table)
+        frame.insert(0, "step", np.arange(max_steps))
+        frame.insert(0, "model", name)
+        step_frames.append(frame[(frame.tf_count > 0) | (frame.ro_count > 0)])
+        students[name] = _student_summary(arrays, region_masks, weights)
+    steps = pd.concat(step_frames, ignore_index=True)
+
+    tokens = token_frame(positions, results, setup)
+    summary = {
+        "settings": config_dict(config),
+        "documents": len(results),
+        "positions": int(len(positions)),
+        "kappa_student": setup.kappa_student,
+        "labels": {"ranking": config.label_ranking, "scope": config.label_scope,
+                   "bridge_fraction": config.bridge_fraction, "garden_fraction": config.garden_fraction,
+                   "thresholds": thresholds},
+        "students": students,
+        "kappa": _kappa_summary(positions, has_exact),
+    }
+    if has_exact:
+        summary["kappa_spearman_vs_exact"] = summary["kappa"]["spearman_vs_exact"]
+        students[setup.kappa_student]["kappa_spearman_vs_exact"] = summary["kappa_spearman_vs_exact"]
+
+    atomic_write_parquet(out / "analysis" / "tokens.parquet", tokens)
+    atomic_write_parquet(out / "analysis" / "steps.parquet", steps)
+    atomic_write_json(out / "analysis" / "summary.json", _clean(summary))
+    figures.write_analysis_figures(out / "figures", tokens, steps, summary, config.heatmap_docs)
+    log.info("wrote %s", out / "analysis")
+    return summary
+
+
+def position_frame(setup, results) -> pd.DataFrame:
+    """One row per (document, response position): token, proxies, kappa, lab truth."""
+    rows = []
+    for result in results:
+        for row in result.positions:
+            rows.append({"doc_id": result.doc.doc_id, **row})
+    frame = pd.DataFrame(rows)
+    frame["token"] = [setup.tokenizer.decode([token_id]) for token_id in frame["token_id"]]
+    return frame
+
+
+def token_frame(positions: pd.DataFrame, results, setup) -> pd.DataFrame:
+    """One row per (document, position, model) with that model's TF and RO losses."""
+    frames = []
+    for name in setup.students:
+        tf, ro = [], []
+        for result in results:
+            tf.extend(result.tf[name].tolist())
+            own = result.ro[name][:, : len(result.doc.response_ids)]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # steps every sample ended before
+                ro.extend(np.nanmean(own, axis=0).tolist())
+            ro.extend([math.nan] * (len(result.doc.response_ids) - own.shape[1]))
+        frame = positions.copy()
+        frame.insert(0, "model", name)
+        frame["kappa_student"] = setup.kappa_student
+        frame["tf_loss"] = tf
+        frame["ro_loss"] = ro
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _region_masks(positions: pd.DataFrame, results, max_steps: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(TF mask, RO mask) per region over [documents, steps]."""
+    shape = (len(results), max_steps)
+    masks = {"all": (np.ones(shape), np.ones(shape))}
+    for region in ("bridge", "garden"):
+        mask = np.zeros(shape)
+        for d, result in enumerate(results):
+            doc_rows = positions[positions.doc_id == result.doc.doc_id]
+            steps = doc_rows.position[doc_rows.region == region].to_numpy()
+            mask[d, steps] = 1
+        masks[region] = (mask, mask)
+    return masks
+
+
+def _student_summary(arrays, region_masks, weights) -> dict:
+    summary = {}
+    for region, (tf_mask, ro_mask) in region_masks.items():
+        values = region_summary(arrays, tf_mask, weights, ro_mask)
+        key = "overall" if region == "all" else region
+        summary[f"eb_{key}"] = values["eb"]
+        summary[f"eb_{key}_ci"] = values["eb_ci"]
+        summary[f"tf_{key}"] = values["tf"]
+        summary[f"tf_{key}_ci"] = values["tf_ci"]
+        summary[f"ro_{key}"] = values["ro"]
+        summary[f"tokens_{key}"] = {"tf": values["tf_tokens"], "ro": values["ro_tokens"]}
+    return summary
+
+
+def _spearman(a: pd.Series, b: pd.Series) -> float:
+    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
+        return math.nan
+    return float(spearmanr(a, b).statistic)
+
+
+def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
+    summary = {
+        "mean": float(positions.kappa.mean()),
+        "mean_se": float(positions.kappa_se.mean()),
+        "proxies": {},
+    }
+    for proxy, sign in PROXY_RISK_SCORES.items():
+        entry = {"spearman_vs_kappa": _spearman(sign * positions[proxy], positions.kappa)}
+        if has_exact:
+            entry["spearman_vs_exact"] = _spearman(sign * positions[proxy], positions.exact_kappa)
+        summary["proxies"][proxy] = entry
+    if has_exact:
+        summary["spearman_vs_exact"] = _spearman(positions.kappa, positions.exact_kappa)
+        for label in ("bridge", "garden"):
+            summary[f"{label}_vs_exact"] = set_agreement(positions.region, positions.exact_region, label)
+            summary[f"{label}_vs_true_role"] = set_agreement(positions.region, positions.true_role, label)
+    return summary
+
+
+def _clean(value):
+    """Replace NaN by None so summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {key: _clean(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

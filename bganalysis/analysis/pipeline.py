@@ -1,0 +1,207 @@
+"""`bganalysis analyze`: exposure bias, kappa and Bridge/Garden labels for a run.
+
+Per document, in order: the teacher and every student read the prompt plus the teacher
+response once (teacher-forced losses, and the KV caches the later steps reuse); kappa
+is estimated at every response position with the reference student; then every
+student writes its own continuations from the prompt (the same uniforms for every
+student) and the teacher scores them. Tables and figures are written at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from bganalysis.analysis import documents as docs_module
+from bganalysis.analysis.documents import AnalysisDocument, generator_for
+from bganalysis.analysis.kappa import action_weights, kappa_from_q, monte_carlo_kappa, select_actions, teacher_proxies
+from bganalysis.analysis.statistics import StepArrays
+from bganalysis.errors import UserError
+from bganalysis.losses import kl_from_logprobs
+from bganalysis.rollout import ModelRunner, sample_continuation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AnalyzeConfig:
+    """Settings of one analysis; validated at construction."""
+
+    teacher: str
+    students: list[str]
+    out: str
+    prompts: str | None = None  # JSONL; None with the lab teacher samples lab prompts
+    student_names: list[str] | None = None
+    max_docs: int | None = None
+    num_lab_docs: int = 40
+    max_new_tokens: int = 64  # teacher responses and the students' own continuations
+    max_prompt_tokens: int = 1024
+    ro_samples: int = 2  # continuations each student writes per prompt
+    sample_temperature: float = 1.0  # sampling temperature of the students' continuations
+    kappa_k: int = 4  # action set: the teacher's top-K tokens
+    kappa_rollouts: int = 4  # R teacher rollouts per forced action
+    kappa_horizon: int = 8  # H states scored after each forced action
+    kappa_student: str | None = None  # student whose losses kappa accumulates (default: the first)
+    bridge_fraction: float = 0.3
+    garden_fraction: float = 0.3
+    label_scope: str = "document"
+    label_ranking: str = "kappa"
+    chat_template: bool = True
+    bootstrap: int = 1000
+    seed: int = 0
+    device: str = "cpu"
+    heatmap_docs: int = 4
+    names: list[str] = field(default_factory=list, init=False)
+
+    def __post_init__(self):
+        checks = [
+            ("kappa_k", self.kappa_k >= 1, "an integer >= 1"),
+            ("kappa_rollouts", self.kappa_rollouts >= 2, "an integer >= 2 (the standard error needs two rollouts)"),
+            ("kappa_horizon", self.kappa_horizon >= 1, "an integer >= 1"),
+            ("ro_samples", self.ro_samples >= 1, "an integer >= 1"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+            ("bridge_fraction", 0 <= self.bridge_fraction <= 1, "in [0, 1]"),
+            ("garden_fraction", 0 <= self.garden_fraction <= 1 - self.bridge_fraction, "in [0, 1 - bridge_fraction]"),
+            ("label_scope", self.label_scope in ("document", "position"), "one of: document, position"),
+            ("label_ranking", self.label_ranking in ("kappa", "kappa_abs", "kappa_spread"), "one of: kappa, kappa_abs, kappa_spread"),
+            ("sample_temperature", self.sample_temperature > 0, "> 0"),
+            ("bootstrap", self.bootstrap >= 10, "an integer >= 10"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is invalid: it must be {rule}")
+        if not self.students:
+            raise UserError("no student given; pass at least one --student DIR")
+        names = self.student_names or [_default_name(path) for path in self.students]
+        if len(names) != len(self.students):
+            raise UserError(f"{len(names)} student names for {len(self.students)} students; give one --name per --student")
+        self.names = _unique(names)
+        if self.kappa_student is not None and self.kappa_student not in self.names:
+            raise UserError(f"--kappa-student {self.kappa_student!r} is not a student name; choose one of: {', '.join(self.names)}")
+
+
+def _default_name(path: str) -> str:
+    return Path(path.rstrip("/")).name or path
+
+
+def _unique(names: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    result = []
+    for name in names:
+        count = seen.get(name, 0)
+        seen[name] = count + 1
+        result.append(name if count == 0 else f"{name}-{count + 1}")
+    return result
+
+
+@dataclass
+class DocumentResult:
+    """Everything measured on one document, before aggregation."""
+
+    doc: AnalysisDocument
+    positions: list[dict]  # per response position: proxies and kappa
+    tf: dict[str, np.ndarray]  # student -> [L] teacher-forced loss
+    ro: dict[str, np.ndarray]  # student -> [R, M] loss on own continuations (NaN where not alive)
+
+
+def run_analysis(config: AnalyzeConfig) -> dict:
+    """Run the whole analysis and write `analysis/` and `figures/` under `config.out`."""
+    from bganalysis.analysis import outputs
+    from bganalysis.analysis.setup import load_setup
+
+    torch.manual_seed(config.seed)
+    setup = load_setup(config)
+    documents = setup.documents
+    log.info("analysing %d documents with %d students (kappa: K=%d, R=%d, H=%d, student %s)",
+             len(documents), len(setup.students), config.kappa_k, config.kappa_rollouts,
+             config.kappa_horizon, setup.kappa_student)
+
+    results = []
+    for index, doc in enumerate(tqdm(documents, desc="analyse", unit="doc")):
+        results.append(analyse_document(config, setup, index, doc))
+
+    return outputs.write_outputs(config, setup, results)
+
+
+def analyse_document(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocument) -> DocumentResult:
+    """Teacher-forced losses, kappa and the students' own continuations for one document."""
+    ids = torch.tensor(doc.ids)
+    prompt_length, length = len(doc.prompt_ids), len(doc.response_ids)
+    states = slice(prompt_length - 1, prompt_length - 1 + length)
+
+    teacher_logprobs = setup.teacher.encode_document(ids)[states]
+    tf = {}
+    for name, runner in setup.students.items():
+        student_logprobs = runner.encode_document(ids)[states]
+        tf[name] = kl_from_logprobs(teacher_logprobs, student_logprobs).double().numpy()
+
+    positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs[t]) for t in range(length)]
+
+    ro = {}
+    uniforms = torch.rand(config.ro_samples, config.max_new_tokens,
+                          generator=generator_for(config.seed, index, docs_module.PURPOSE_ROLLOUT))
+    for name, runner in setup.students.items():
+        ro[name] = own_continuation_losses(setup, runner, prompt_length, uniforms, config.sample_temperature)
+    return DocumentResult(doc=doc, positions=positions, tf=tf, ro=ro)
+
+
+def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocument, t: int,
+                   teacher_logprobs: torch.Tensor) -> dict:
+    """Proxies, Monte-Carlo kappa and (on the lab) exact kappa at response position t."""
+    row = {"position": t, "token_id": doc.response_ids[t]}
+    row.update(teacher_proxies(teacher_logprobs))
+    generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
+    estimate = monte_carlo_kappa(
+        setup.teacher, setup.students[setup.kappa_student], len(doc.prompt_ids) + t, teacher_logprobs,
+        config.kappa_k, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids,
+    )
+    row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
+
+    if setup.exact is not None:
+        actions = torch.tensor(estimate["actions"])
+        q = setup.exact.q_values(doc.states[t], actions.tolist(), config.kappa_horizon)
+        exact = kappa_from_q(q, action_weights(teacher_logprobs, actions))
+        row.update({"exact_kappa": float(exact["kappa"]), "exact_kappa_abs": float(exact["kappa_abs"]),
+                    "exact_kappa_spread": float(exact["kappa_spread"]), "true_role": doc.roles[t]})
+    return row
+
+
+def own_continuation_losses(setup, runner: ModelRunner, prompt_length: int, uniforms: torch.Tensor,
+                            temperature: float) -> np.ndarray:
+    """Per-step loss of the student on the continuations it writes itself, [R, M], NaN when ended."""
+    tokens, alive, student_logprobs = sample_continuation(runner, prompt_length, uniforms, setup.eos_ids, temperature)
+    rows = setup.teacher.rows_from_prefix(prompt_length, tokens.shape[0])
+    teacher_logprobs = setup.teacher.extend(rows, tokens, keep=tokens.shape[1] + 1)[:, :-1]
+    losses = kl_from_logprobs(teacher_logprobs, student_logprobs).double()
+    result = np.full((tokens.shape[0], uniforms.shape[1]), math.nan)
+    result[:, : tokens.shape[1]] = torch.where(alive, losses, torch.full_like(losses, math.nan)).numpy()
+    return result
+
+
+def step_arrays(results: list[DocumentResult], name: str, max_steps: int) -> StepArrays:
+    """Lay out one student's losses as [documents, steps] sums and counts."""
+    shape = (len(results), max_steps)
+    arrays = StepArrays(np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape))
+    for d, result in enumerate(results):
+        tf = result.tf[name]
+        arrays.tf_sum[d, : len(tf)] = tf
+        arrays.tf_count[d, : len(tf)] = 1
+        ro = result.ro[name]
+        alive = ~np.isnan(ro)
+        arrays.ro_sum[d, : ro.shape[1]] = np.where(alive, ro, 0).sum(0)
+        arrays.ro_count[d, : ro.shape[1]] = alive.sum(0)
+    return arrays
+
+
+def config_dict(config: AnalyzeConfig) -> dict:
+    values = asdict(config)
+    values["student_names"] = config.names
+    values.pop("names")
+    return values
