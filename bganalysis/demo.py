@@ -23,7 +23,7 @@ METHODS = ("hard", "soft", "hybrid")
 class DemoSize:
     """Budget of one demo run; the defaults fit in about 5 minutes on 2 CPU cores."""
 
-    train_steps: int = 250
+    train_steps: int = 1000
     train_docs: int = 2000
     batch_size: int = 16
     analysis_docs: int = 40
@@ -40,6 +40,7 @@ QUICK = DemoSize(train_steps=20, train_docs=64, batch_size=8, analysis_docs=4, r
 
 def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, lam: float = 0.5) -> dict:
     """Run the demo into `out`; return the analysis summary."""
+    from bganalysis.analysis.figures import write_training_curves
     from bganalysis.analysis.pipeline import AnalyzeConfig, run_analysis
     from bganalysis.analysis.setup import lab_prompt_rows
     from bganalysis.io import atomic_write_json
@@ -71,6 +72,7 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, lam: f
     summary = run_analysis(analysis)
     timings = {"train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1)}
 
+    write_training_curves(out / "figures", out / "students")
     atomic_write_json(out / "demo.json", {"size": asdict(size), "seed": seed, "lam": lam, **timings})
     write_run_config(out, size, seed, lam)
     write_report(out, summary, timings)

@@ -118,7 +118,8 @@ def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> P
     lines += tf_versus_eb(students)
     lines += ["", "## Risk kappa and labels", ""] + kappa_lines(summary)
     lines += ["", "## Figures", ""]
-    for name, caption in (("eb_per_step", "EB, TF and RO per decoding step"),
+    for name, caption in (("training_curves", "loss parts during training"),
+                          ("eb_per_step", "EB, TF and RO per decoding step"),
                           ("eb_regions", "EB and TF by region"),
                           ("kappa_map", "kappa per token with Bridge/Garden marks"),
                           ("kappa_vs_exact", "Monte-Carlo kappa against exact kappa (lab)")):

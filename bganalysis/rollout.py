@@ -52,7 +52,7 @@ class ModelRunner:
     def encode_document(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the model over a whole document once; return log-probs [length, vocab] fp32.
 
-        Row i holds the distribution of token i + 1 given tokens 0..i. The KV cache is
+        Row i is the distribution of token i + 1 given tokens 0..i. The KV cache is
         kept for `rows_from_prefix`.
         """
         ids = ids.to(self.device)

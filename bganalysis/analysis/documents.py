@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 class AnalysisDocument:
     """One prompt with the teacher response that teacher-forced losses are measured on.
 
-    `roles` (lab only) holds the true role of each response token.
+    `roles` (lab only) contains the true role of each response token.
     """
 
     doc_id: str

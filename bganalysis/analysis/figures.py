@@ -140,3 +140,29 @@ def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict):
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def write_training_curves(folder: Path, students_dir: Path) -> bool:
+    """Plot the soft and hard loss parts of every student's train_log.jsonl; False if none exist."""
+    import json
+
+    logs = sorted(students_dir.glob("*/train_log.jsonl"))
+    if not logs:
+        return False
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for path in logs:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in records]
+        line, = axes[0].plot(steps, [r["hard"] for r in records], label=path.parent.name)
+        soft = [r["soft"] if r["soft"] is not None else np.nan for r in records]
+        axes[1].plot(steps, soft, color=line.get_color(), label=path.parent.name)
+    axes[0].set(xlabel="optimiser step", ylabel="cross-entropy on teacher tokens (nats)", title="Hard loss part")
+    axes[1].set(xlabel="optimiser step", ylabel="forward KL to the teacher (nats)", title="Soft loss part (not computed for hard-only)")
+    for axis in axes:
+        axis.set_yscale("log")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    _save(figure, folder, "training_curves")
+    plt.close(figure)
+    return True
