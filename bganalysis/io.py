@@ -107,12 +107,18 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
         raise UserError(f"prompts file not found: {path}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
     opener = gzip.open if path.suffix == ".gz" else open
     rows: list[dict] = []
+    first_line_of: dict[str, int] = {}
     try:
         with opener(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                rows.append(_parse_prompt_line(path, number, line))
+                row = _parse_prompt_line(path, number, line)
+                if row["id"] in first_line_of:
+                    raise UserError(f"{path}:{number}: duplicate id {row['id']!r} (first on line "
+                                    f"{first_line_of[row['id']]}); give every prompt a unique \"id\"")
+                first_line_of[row["id"]] = number
+                rows.append(row)
                 if limit is not None and len(rows) >= limit:
                     break
     except UnicodeDecodeError as error:

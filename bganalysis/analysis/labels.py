@@ -19,8 +19,8 @@ def label_by_rank(values: np.ndarray, bridge_fraction: float, garden_fraction: f
     if n == 0:
         return labels, math.nan, math.nan
     order = np.argsort(-np.asarray(values, dtype=float), kind="stable")
-    num_bridge = int(round(bridge_fraction * n))
-    num_garden = min(int(round(garden_fraction * n)), n - num_bridge)
+    num_bridge = math.floor(bridge_fraction * n + 0.5)  # half-up rounding, not Python's half-to-even
+    num_garden = min(math.floor(garden_fraction * n + 0.5), n - num_bridge)
     labels[order[:num_bridge]] = "bridge"
     if num_garden:
         labels[order[n - num_garden:]] = "garden"
@@ -51,7 +51,9 @@ def set_agreement(predicted: pd.Series, reference: pd.Series, label: str) -> dic
     predicted_set = predicted == label
     reference_set = reference == label
     hits = float((predicted_set & reference_set).sum())
-    precision = hits / predicted_set.sum() if predicted_set.sum() else math.nan
-    recall = hits / reference_set.sum() if reference_set.sum() else math.nan
-    f1 = 2 * precision * recall / (precision + recall) if precision and recall else math.nan
+    predicted_count, reference_count = float(predicted_set.sum()), float(reference_set.sum())
+    precision = hits / predicted_count if predicted_count else math.nan
+    recall = hits / reference_count if reference_count else math.nan
+    total = predicted_count + reference_count
+    f1 = 2 * hits / total if predicted_count and reference_count else math.nan
     return {"precision": precision, "recall": recall, "f1": f1}

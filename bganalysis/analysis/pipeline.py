@@ -67,6 +67,10 @@ class AnalyzeConfig:
             ("kappa_horizon", self.kappa_horizon >= 1, "an integer >= 1"),
             ("ro_samples", self.ro_samples >= 1, "an integer >= 1"),
             ("max_new_tokens", self.max_new_tokens >= 1, "an integer >= 1"),
+            ("max_prompt_tokens", self.max_prompt_tokens >= 1, "an integer >= 1"),
+            ("max_docs", self.max_docs is None or self.max_docs >= 1, "an integer >= 1"),
+            ("num_lab_docs", self.num_lab_docs >= 1, "an integer >= 1"),
+            ("heatmap_docs", self.heatmap_docs >= 0, "an integer >= 0"),
             ("bridge_fraction", 0 <= self.bridge_fraction <= 1, "in [0, 1]"),
             ("garden_fraction", 0 <= self.garden_fraction <= 1 - self.bridge_fraction, "in [0, 1 - bridge_fraction]"),
             ("label_scope", self.label_scope in ("document", "position"), "one of: document, position"),
@@ -76,7 +80,8 @@ class AnalyzeConfig:
         ]
         for name, ok, rule in checks:
             if not ok:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r} is invalid: it must be {rule}")
+                flag = {"num_lab_docs": "lab-docs"}.get(name, name.replace("_", "-"))
+                raise UserError(f"--{flag} {getattr(self, name)!r} is invalid: it must be {rule}")
         if not self.students:
             raise UserError("no student given; pass at least one --student DIR")
         names = self.student_names or [_default_name(path) for path in self.students]
@@ -119,6 +124,8 @@ def run_analysis(config: AnalyzeConfig) -> dict:
     torch.manual_seed(config.seed)
     setup = load_setup(config)
     documents = setup.documents
+    if not documents:
+        raise UserError("no documents to analyse; check --prompts, --max-docs and --lab-docs")
     log.info("analysing %d documents with %d students (kappa: K=%d, R=%d, H=%d, student %s)",
              len(documents), len(setup.students), config.kappa_k, config.kappa_rollouts,
              config.kappa_horizon, setup.kappa_student)

@@ -84,10 +84,10 @@ class LabProcess:
         return grammar.advance(state, self.words[token_id])
 
     def states_along(self, ids: Sequence[int]) -> list[State]:
-        """Return the state before each token of `ids`, then the state after the last.
+        """Return the state after each prefix of `ids`.
 
-        `ids` starts with `<bos>` (a missing `<bos>` is treated as present); the list has
-        len(ids) + 1 entries when `<bos>` is present, the first being the state after it.
+        `ids` starts with `<bos>` (a missing `<bos>` is treated as present). With `<bos>`
+        present the list has len(ids) entries: entry i is the state after ids[0..i].
         """
         ids = list(ids)
         if ids and ids[0] == self.bos_id:

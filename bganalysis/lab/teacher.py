@@ -60,9 +60,10 @@ class LabTeacher(PreTrainedModel, GenerationMixin):
                 logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         """Return exact log-probabilities as logits, [batch, seq, vocab] float32.
 
-        Left or right padding is read from `attention_mask`; padded positions get the
-        distribution of the `<bos>` state. With `logits_to_keep=k > 0` only the last k
-        positions are returned (the rollout engine asks for 1).
+        Left or right padding is read from `attention_mask`. Left padding gets the
+        distribution after `<bos>`, right padding repeats the one after the last real
+        token. With `logits_to_keep=k > 0` only the last k positions are returned (the
+        rollout engine asks for 1).
         """
         batch, length = input_ids.shape
         keep = length if not logits_to_keep else min(int(logits_to_keep), length)
@@ -70,24 +71,28 @@ class LabTeacher(PreTrainedModel, GenerationMixin):
         masks = attention_mask.tolist() if attention_mask is not None else None
         logits = torch.empty(batch, keep, self.process.vocab_size)
         for row_index, row in enumerate(rows):
-            start = masks[row_index].index(1) if masks is not None and 1 in masks[row_index] else 0
-            logits[row_index] = self._row_logits(row, start, length - keep)
+            start, end = 0, length
+            if masks is not None and 1 in masks[row_index]:
+                start = masks[row_index].index(1)
+                end = length - masks[row_index][::-1].index(1)
+            logits[row_index] = self._row_logits(row, start, end, length - keep)
         return CausalLMOutputWithPast(logits=logits.to(input_ids.device))
 
-    def _row_logits(self, row: list[int], start: int, first_kept: int) -> torch.Tensor:
+    def _row_logits(self, row: list[int], start: int, end: int, first_kept: int) -> torch.Tensor:
         process = self.process
-        tokens = row[start:]
+        tokens = row[start:end]
         offset = 0
         if not tokens or tokens[0] != process.bos_id:
             tokens = [process.bos_id] + tokens  # a row without <bos> is read as if it had one
             offset = 1
 
-        if len(row) - first_kept == 1:
+        if len(row) - first_kept == 1 and end == len(row):
             return process.logprobs(process.state_after(tokens)).unsqueeze(0)
 
         # states_along(tokens)[i] is the state after tokens[0..i], the one position i predicts from.
-        states = process.states_along(tokens)[offset:offset + len(row) - start]
+        states = process.states_along(tokens)[offset:offset + end - start]
         full = [process.states_along([process.bos_id])[0]] * start + states
+        full += [full[-1]] * (len(row) - end)
         return torch.stack([process.logprobs(state) for state in full[first_kept:]])
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
