@@ -6,7 +6,9 @@ Entries with p = 0 contribute exactly 0, so -inf logits (tokens a model rules ou
 give no NaN in values or gradients. A loss can still be +inf when the teacher gives
 mass to a token the student rules out, which is the true value of KL there.
 
-Units: nats per position. Shapes: `[..., vocab]` in, `[...]` out.
+Units: nats per position. Shapes: `[..., vocab]` in, `[...]` out. The other
+divergences (reverse KL, JSD, total variation, skew KL, AB) are in
+`bganalysis.divergences`, and the per-token soft weights in `bganalysis.weights`.
 """
 
 from __future__ import annotations
