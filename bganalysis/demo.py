@@ -68,7 +68,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, lam: f
     analysis = AnalyzeConfig(teacher=str(out / "teacher"), students=students, out=str(out),
                              prompts=str(out / "prompts.jsonl"), ro_samples=size.ro_samples,
                              kappa_k=size.kappa_k, kappa_rollouts=size.kappa_rollouts,
-                             kappa_horizon=size.kappa_horizon, bootstrap=size.bootstrap, seed=seed)
+                             kappa_horizon=size.kappa_horizon, bootstrap=size.bootstrap, seed=seed,
+                             force=True)  # the students were just retrained, so older shards are stale
     summary = run_analysis(analysis)
     timings = {"train_seconds": round(train_seconds, 1), "total_seconds": round(time.time() - started, 1)}
 

@@ -108,7 +108,7 @@ def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> P
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in students.items():
-        lines.append(f"| {name} | {_with_ci(entry['tf_overall'], entry['tf_overall_ci'])} | {_fmt(entry['ro_overall'])} | "
+        lines.append(f"| {name} | {_with_ci(entry['tf_overall'], entry['tf_overall_ci'])} | {_with_ci(entry['ro_overall'], entry['ro_overall_ci'])} | "
                      f"{_with_ci(entry['eb_overall'], entry['eb_overall_ci'])} | {_with_ci(entry['eb_bridge'], entry['eb_bridge_ci'])} | "
                      f"{_with_ci(entry['eb_garden'], entry['eb_garden_ci'])} | {_fmt(entry['tf_bridge'])} | {_fmt(entry['tf_garden'])} |")
     lines += ["", "What this run shows:", ""]

@@ -136,7 +136,10 @@ def sample_from_logprobs(logprobs: torch.Tensor, uniforms: torch.Tensor, tempera
     """Draw one token per row by inverse CDF: logprobs [n, vocab], uniforms [n] in [0, 1).
 
     Using the caller's uniforms makes the draw reproducible and shared across engines.
+    `temperature=0` returns the most likely token (ties to the smaller id).
     """
+    if temperature == 0:
+        return torch.argmax(logprobs, dim=-1)
     scaled = logprobs if temperature == 1.0 else torch.log_softmax(logprobs / temperature, dim=-1)
     cumulative = torch.cumsum(scaled.double().exp(), dim=-1)
     targets = uniforms.double()[:, None] * cumulative[:, -1:]

@@ -64,7 +64,7 @@ def encode_prompt(tokenizer, prompt: str, chat_template: bool, max_prompt_tokens
 
 def build_documents(rows: list[dict], tokenizer, teacher: ModelRunner, eos_ids: set[int], *,
                     chat_template: bool, max_prompt_tokens: int, max_new_tokens: int, seed: int,
-                    first_index: int = 0) -> list[AnalysisDocument]:
+                    temperature: float = 1.0, first_index: int = 0) -> list[AnalysisDocument]:
     """Tokenise prompts and attach a response: the given one, else one the teacher samples."""
     documents = []
     eos_id = tokenizer.eos_token_id
@@ -76,18 +76,21 @@ def build_documents(rows: list[dict], tokenizer, teacher: ModelRunner, eos_ids: 
             source = "given"
         else:
             response = sample_teacher_response(teacher, prompt_ids, max_new_tokens, eos_ids,
-                                               generator_for(seed, index, PURPOSE_RESPONSE))
+                                               generator_for(seed, index, PURPOSE_RESPONSE), temperature)
             source = "teacher"
         documents.append(AnalysisDocument(row["id"], prompt_ids, response, source))
     return documents
 
 
 def sample_teacher_response(teacher: ModelRunner, prompt_ids: list[int], max_new_tokens: int,
-                            eos_ids: set[int], generator: torch.Generator) -> list[int]:
-    """One teacher sample after the prompt, cut after its first EOS."""
+                            eos_ids: set[int], generator: torch.Generator, temperature: float = 1.0) -> list[int]:
+    """Sample one teacher response after the prompt, cut after its first EOS.
+
+    `temperature=0` takes the teacher's most likely token at every step (greedy).
+    """
     teacher.encode_document(torch.tensor(prompt_ids))
     uniforms = torch.rand(1, max_new_tokens, generator=generator)
-    tokens, _, _ = sample_continuation(teacher, len(prompt_ids), uniforms, eos_ids)
+    tokens, _, _ = sample_continuation(teacher, len(prompt_ids), uniforms, eos_ids, temperature)
     response = []
     for token in tokens[0].tolist():
         response.append(token)

@@ -117,7 +117,7 @@ def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 
         for column, (_, token) in enumerate(chunk.iterrows()):
             colour = colormap(norm(token.kappa))
             axis.add_patch(matplotlib.patches.Rectangle((column, y - 0.4), 0.95, 0.8, color=colour))
-            text = str(token.token).replace("\n", "\\n")[:7]
+            text = display_token(str(token.token))
             axis.text(column + 0.47, y, text, ha="center", va="center", fontsize=6.5,
                       color="white" if norm(token.kappa) > 0.6 else "black")
             axis.plot([column + 0.05, column + 0.9], [y - 0.45] * 2, color=REGION_COLOURS.get(token.region, "#7f8c8d"), linewidth=2)
@@ -127,6 +127,12 @@ def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 
     axis.set_title("kappa per token (darker = riskier); underline: red = Bridge, green = Garden, grey = unlabelled")
     figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, fraction=0.02, label="kappa (nats)")
     return figure
+
+
+def display_token(text: str, width: int = 7) -> str:
+    """Make a token readable in a cell: visible spaces, tabs and newlines, cut with an ellipsis."""
+    text = text.replace(" ", "·").replace("\t", "→").replace("\n", "↵")
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict):

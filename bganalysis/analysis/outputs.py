@@ -17,6 +17,9 @@ from bganalysis.io import atomic_write_json, atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
+# Proxies oriented so that a larger value means more risk: a confident teacher (high p_max,
+# wide margin, low entropy) marks a position with one right token, as at lab Bridges. On real
+# text the sign of the correlation with kappa can come out negative; summary.json stores it.
 PROXY_RISK_SCORES = {"teacher_pmax": 1.0, "teacher_margin": 1.0, "teacher_entropy": -1.0}
 
 
@@ -130,6 +133,7 @@ def _student_summary(arrays, region_masks, weights) -> dict:
         summary[f"tf_{key}"] = values["tf"]
         summary[f"tf_{key}_ci"] = values["tf_ci"]
         summary[f"ro_{key}"] = values["ro"]
+        summary[f"ro_{key}_ci"] = values["ro_ci"]
         summary[f"tokens_{key}"] = {"tf": values["tf_tokens"], "ro": values["ro_tokens"]}
     return summary
 
@@ -147,7 +151,8 @@ def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
         "proxies": {},
     }
     for proxy, sign in PROXY_RISK_SCORES.items():
-        entry = {"spearman_vs_kappa": _spearman(sign * positions[proxy], positions.kappa)}
+        entry = {"orientation": "risk = " + ("-" if sign < 0 else "+") + proxy,
+                 "spearman_vs_kappa": _spearman(sign * positions[proxy], positions.kappa)}
         if has_exact:
             entry["spearman_vs_exact"] = _spearman(sign * positions[proxy], positions.exact_kappa)
         summary["proxies"][proxy] = entry

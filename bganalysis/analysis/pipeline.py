@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, generator_for
 from bganalysis.analysis.kappa import action_weights, kappa_from_q, monte_carlo_kappa, select_actions, teacher_proxies
+from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
 from bganalysis.analysis.statistics import StepArrays
 from bganalysis.errors import UserError
 from bganalysis.losses import kl_from_logprobs
@@ -45,6 +47,7 @@ class AnalyzeConfig:
     max_prompt_tokens: int = 1024
     ro_samples: int = 2  # continuations each student writes per prompt
     sample_temperature: float = 1.0  # sampling temperature of the students' continuations
+    response_temperature: float = 1.0  # sampling temperature of missing teacher responses; 0 is greedy
     kappa_k: int = 4  # action set: the teacher's top-K tokens
     kappa_rollouts: int = 4  # R teacher rollouts per forced action
     kappa_horizon: int = 8  # H states scored after each forced action
@@ -58,6 +61,8 @@ class AnalyzeConfig:
     seed: int = 0
     device: str = "cpu"
     heatmap_docs: int = 4
+    shard_size: int = 8  # documents per saved shard; a rerun skips finished shards
+    force: bool = False  # discard saved shards computed with other settings
     names: list[str] = field(default_factory=list, init=False)
 
     def __post_init__(self):
@@ -76,6 +81,8 @@ class AnalyzeConfig:
             ("label_scope", self.label_scope in ("document", "position"), "one of: document, position"),
             ("label_ranking", self.label_ranking in ("kappa", "kappa_abs", "kappa_spread"), "one of: kappa, kappa_abs, kappa_spread"),
             ("sample_temperature", self.sample_temperature > 0, "> 0"),
+            ("response_temperature", self.response_temperature >= 0, ">= 0 (0 is greedy)"),
+            ("shard_size", self.shard_size >= 1, "an integer >= 1"),
             ("bootstrap", self.bootstrap >= 10, "an integer >= 10"),
         ]
         for name, ok, rule in checks:
@@ -123,17 +130,30 @@ def run_analysis(config: AnalyzeConfig) -> dict:
 
     torch.manual_seed(config.seed)
     setup = load_setup(config)
-    documents = setup.documents
-    if not documents:
+    if not setup.rows:
         raise UserError("no documents to analyse; check --prompts, --max-docs and --lab-docs")
-    log.info("analysing %d documents with %d students (kappa: K=%d, R=%d, H=%d, student %s)",
-             len(documents), len(setup.students), config.kappa_k, config.kappa_rollouts,
-             config.kappa_horizon, setup.kappa_student)
+    rank, world = process_rank()
+    settings = {**config_dict(config), "model_files": model_signature([config.teacher, *config.students])}
+    store = ShardStore(Path(config.out) / "analysis" / "shards", settings, config.force)
+    shards = shard_ranges(len(setup.rows), config.shard_size)
+    mine = [index for index in range(len(shards)) if index % world == rank and not store.has(index)]
+    log.info("analysing %d documents in %d shards (%d to compute in process %d of %d) with %d students "
+             "(kappa: K=%d, R=%d, H=%d, student %s)", len(setup.rows), len(shards), len(mine), rank, world,
+             len(setup.students), config.kappa_k, config.kappa_rollouts, config.kappa_horizon, setup.kappa_student)
 
-    results = []
-    for index, doc in enumerate(tqdm(documents, desc="analyse", unit="doc")):
-        results.append(analyse_document(config, setup, index, doc))
+    progress = tqdm(total=sum(len(shards[i]) for i in mine), desc="analyse", unit="doc")
+    for shard_index in mine:
+        results = []
+        for index, doc in zip(shards[shard_index], setup.documents(config, shards[shard_index])):
+            results.append(analyse_document(config, setup, index, doc))
+            progress.update(1)
+        store.write(shard_index, results)
+    progress.close()
 
+    if rank != 0:
+        return {}
+    store.wait_for(list(range(len(shards))), timeout_s=float(os.environ.get("BGANALYSIS_SHARD_WAIT_S", 24 * 3600)))
+    results = [result for index in range(len(shards)) for result in store.read(index)]
     return outputs.write_outputs(config, setup, results)
 
 

@@ -23,9 +23,20 @@ class AnalysisSetup:
     kappa_student: str
     tokenizer: object
     eos_ids: set[int]
-    documents: list[AnalysisDocument]
+    rows: list[dict]  # prompt rows; documents are built shard by shard
     exact: object | None  # ExactLossToGo on the lab, else None
     vocab_size: int
+    teacher_model: object
+
+    def documents(self, config, indices: range) -> list[AnalysisDocument]:
+        """Build the documents of `indices`: prompt ids and a teacher response each."""
+        documents = build_documents([self.rows[i] for i in indices], self.tokenizer, self.teacher, self.eos_ids,
+                                    chat_template=config.chat_template, max_prompt_tokens=config.max_prompt_tokens,
+                                    max_new_tokens=config.max_new_tokens, seed=config.seed,
+                                    temperature=config.response_temperature, first_index=indices.start)
+        if self.exact is not None:
+            attach_lab_roles(documents, self.teacher_model.process)
+        return documents
 
 
 def load_setup(config) -> AnalysisSetup:
@@ -56,15 +67,9 @@ def load_setup(config) -> AnalysisSetup:
     eos_ids = _eos_ids(tokenizer, teacher_model)
 
     rows = _prompt_rows(config, is_lab, read_prompts)
-    documents = build_documents(rows, tokenizer, teacher, eos_ids, chat_template=config.chat_template,
-                                max_prompt_tokens=config.max_prompt_tokens,
-                                max_new_tokens=config.max_new_tokens, seed=config.seed)
-    exact = None
-    if is_lab:
-        attach_lab_roles(documents, teacher_model.process)
-        exact = lab.ExactLossToGo(teacher_model.process)
+    exact = lab.ExactLossToGo(teacher_model.process) if is_lab else None
     kappa_student = config.kappa_student or config.names[0]
-    return AnalysisSetup(teacher, students, kappa_student, tokenizer, eos_ids, documents, exact, vocab_size)
+    return AnalysisSetup(teacher, students, kappa_student, tokenizer, eos_ids, rows, exact, vocab_size, teacher_model)
 
 
 def _model_vocab(model) -> int:

@@ -73,8 +73,9 @@ def region_summary(arrays: StepArrays, mask: np.ndarray, weights: np.ndarray, ro
     ro_rep = _ratio(weights @ ro_sum, weights @ ro_count)
     eb_low, eb_high = _interval((ro_rep - tf_rep)[:, None])
     tf_low, tf_high = _interval(tf_rep[:, None])
+    ro_low, ro_high = _interval(ro_rep[:, None])
     return {
         "tf": tf, "tf_ci": [float(tf_low[0]), float(tf_high[0])],
-        "ro": ro, "eb": ro - tf, "eb_ci": [float(eb_low[0]), float(eb_high[0])],
+        "ro": ro, "ro_ci": [float(ro_low[0]), float(ro_high[0])], "eb": ro - tf, "eb_ci": [float(eb_low[0]), float(eb_high[0])],
         "tf_tokens": int(tf_count.sum()), "ro_tokens": int(ro_count.sum()),
     }

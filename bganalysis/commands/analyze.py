@@ -27,12 +27,15 @@ def register(subparsers) -> None:
     parser.add_argument("--kappa-k", type=int, default=4, help="action set size: the teacher's top-K tokens")
     parser.add_argument("--kappa-rollouts", type=int, default=4, help="teacher rollouts R per forced action")
     parser.add_argument("--kappa-horizon", type=int, default=8, help="states H scored after each forced action")
-    parser.add_argument("--kappa-student", help="name of the student whose losses kappa sums (default: the first)")
+    parser.add_argument("--kappa-student", default=argparse.SUPPRESS, help="name of the student whose losses kappa sums (default: the first)")
     parser.add_argument("--bridge-fraction", type=float, default=0.3, help="share of positions labelled Bridge (highest kappa)")
     parser.add_argument("--garden-fraction", type=float, default=0.3, help="share of positions labelled Garden (lowest kappa)")
     parser.add_argument("--label-scope", choices=["document", "position"], default="document", help="rank within each document or within each aligned position")
     parser.add_argument("--label-ranking", choices=["kappa", "kappa_abs", "kappa_spread"], default="kappa", help="risk score the labels rank by")
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="tokenise prompts as plain text even when the tokenizer has a chat template")
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=True, help="wrap prompts in the tokenizer's chat template when it has one")
+    parser.add_argument("--response-temperature", type=float, default=1.0, help="sampling temperature of the teacher responses written for prompts without one; 0 is greedy")
+    parser.add_argument("--shard-size", type=int, default=8, help="documents per saved shard; rerunning the same command skips finished shards")
+    parser.add_argument("--force", action="store_true", help="discard saved shards computed with other settings instead of stopping")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates over documents for the intervals")
     parser.add_argument("--seed", type=int, default=0, help="seed of every sample, rollout and bootstrap")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -48,6 +51,8 @@ def run(args) -> None:
 
     options = {key: value for key, value in vars(args).items() if key not in ("func", "command", "verbose")}
     summary = run_analysis(AnalyzeConfig(**options))
+    if not summary:
+        return  # a worker process (rank > 0): rank 0 writes the tables
     brief = {name: {key: round(entry[key], 4) if entry[key] is not None else None
                     for key in ("tf_overall", "eb_overall", "eb_bridge", "eb_garden")}
              for name, entry in summary["students"].items()}
