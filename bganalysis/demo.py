@@ -26,8 +26,8 @@ class DemoSize:
     train_steps: int = 1000
     train_docs: int = 2000
     batch_size: int = 16
-    analysis_docs: int = 40
-    ro_samples: int = 2
+    analysis_docs: int = 120
+    ro_samples: int = 4
     kappa_k: int = 4
     kappa_rollouts: int = 4
     kappa_horizon: int = 8

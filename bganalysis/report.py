@@ -47,7 +47,7 @@ def tf_versus_eb(students: dict) -> list[str]:
     """Sentences on how TF and EB move between students (the trade the method studies)."""
     lowest_tf = min(students, key=lambda name: students[name]["tf_overall"])
     lowest_eb = min(students, key=lambda name: students[name]["eb_overall"])
-    lines = [f"- Lowest TF (best match to the teacher on its own prefixes): **{lowest_tf}** "
+    lines = [f"- Lowest TF (best match to the teacher on teacher-written prefixes): **{lowest_tf}** "
              f"({_fmt(students[lowest_tf]['tf_overall'])} nats/token)."]
     if lowest_tf == lowest_eb:
         lines.append(f"- The same student also has the lowest EB, so here a better teacher-forced fit did not cost exposure bias.")
