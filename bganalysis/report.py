@@ -84,6 +84,11 @@ def kappa_lines(summary: dict) -> list[str]:
         for label in ("bridge", "garden"):
             exact, truth = kappa[f"{label}_vs_exact"], kappa[f"{label}_vs_true_role"]
             lines.append(f"| {label} | {_fmt(exact['precision'])} | {_fmt(exact['recall'])} | {_fmt(truth['precision'])} | {_fmt(truth['recall'])} |")
+    teacher_only = kappa.get("teacher_only", {})
+    if "spearman_vs_exact" in teacher_only:
+        lines.append("")
+        lines.append(f"Teacher-only counterfactual kappa (no student): Spearman rho = {_fmt(teacher_only['spearman_vs_exact'])} "
+                     f"against exact kappa, {_fmt(teacher_only['spearman_vs_kappa'])} against the Monte-Carlo estimate.")
     lines.append("")
     lines.append("Proxies, oriented as risk (Spearman rho): " + ", ".join(
         f"{name}: {_fmt(entry.get('spearman_vs_exact', entry['spearman_vs_kappa']))}"

@@ -15,13 +15,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bganalysis.losses import kl_from_logprobs
 from bganalysis.rollout import ModelRunner, rollouts_after_actions
 
 
-def select_actions(teacher_logprobs: torch.Tensor, k: int) -> torch.Tensor:
-    """Return the teacher's top-k token ids [k]; ties go to the smaller id (stable sort)."""
+def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None) -> torch.Tensor:
+    """Return the teacher's top-k token ids, plus `observed` when given and not among them.
+
+    Ties go to the smaller id (stable sort), so the set is reproducible.
+    """
     order = torch.sort(teacher_logprobs, descending=True, stable=True).indices
-    return order[:k]
+    actions = order[:k]
+    if observed is not None and not bool((actions == observed).any()):
+        actions = torch.cat([actions, torch.tensor([observed])])
+    return actions
 
 
 def action_weights(teacher_logprobs: torch.Tensor, actions: torch.Tensor) -> np.ndarray:
@@ -51,7 +58,7 @@ def monte_carlo_kappa(
     student: ModelRunner,
     prefix_length: int,
     teacher_logprobs: torch.Tensor,
-    num_actions: int,
+    actions: torch.Tensor,
     rollouts: int,
     horizon: int,
     generator: torch.Generator,
@@ -64,7 +71,6 @@ def monte_carlo_kappa(
     uniforms (common random numbers), so each rollout index gives one paired kappa
     sample and the standard error is the spread of those R samples over sqrt(R).
     """
-    actions = select_actions(teacher_logprobs, num_actions)
     weights = action_weights(teacher_logprobs, actions)
     shared = torch.rand(rollouts, horizon - 1, generator=generator)
     uniforms = shared.expand(len(actions), rollouts, horizon - 1)
@@ -78,6 +84,35 @@ def monte_carlo_kappa(
     result["actions"] = actions.tolist()
     result["q"] = q_per_rollout.mean(axis=0).tolist()
     return result
+
+
+def teacher_only_kappa(
+    teacher: ModelRunner,
+    prefix_length: int,
+    actions: torch.Tensor,
+    weights: np.ndarray,
+    continuation: list[int],
+    original_logprobs: torch.Tensor,
+    eos_ids: set[int],
+) -> dict[str, float]:
+    """Teacher-only counterfactual kappa at one position: no student, no sampling.
+
+    Each action replaces the observed token, the observed continuation follows
+    (`continuation`, h - 1 tokens), and Q(s, a) is the summed KL from the teacher's
+    original next-token distributions at those h states (`original_logprobs` [h, vocab])
+    to its distributions after the swap: how far the swap moves the teacher's
+    predictions for the next h observed tokens. An EOS action ends the document, so
+    its Q is 0. Deterministic, so it has no standard error.
+    """
+    horizon = original_logprobs.shape[0]
+    if horizon == 0:
+        return {"kappa": 0.0, "kappa_abs": 0.0, "kappa_spread": 0.0}
+    block = torch.cat([actions[:, None], torch.tensor(continuation, dtype=torch.long).expand(len(actions), horizon - 1)], dim=1)
+    rows = teacher.rows_from_prefix(prefix_length, len(actions))
+    swapped = teacher.extend(rows, block)  # [K, h, vocab]: the states after each block token
+    q = kl_from_logprobs(original_logprobs.expand_as(swapped), swapped).sum(dim=1).double().numpy()
+    q[np.isin(actions.numpy(), sorted(eos_ids))] = 0.0
+    return {name: float(value) for name, value in kappa_from_q(q, weights).items() if name != "q_bar"}
 
 
 def teacher_proxies(teacher_logprobs: torch.Tensor) -> dict[str, float]:

@@ -32,6 +32,8 @@ def write_outputs(config, setup, results) -> dict:
     positions = position_frame(setup, results)
     positions["region"], thresholds = label_frame(positions, config.label_ranking, config.bridge_fraction,
                                                   config.garden_fraction, config.label_scope)
+    positions["teacher_only_region"], _ = label_frame(positions, "teacher_only_" + config.label_ranking,
+                                                      config.bridge_fraction, config.garden_fraction, config.label_scope)
     has_exact = "exact_kappa" in positions
     if has_exact:
         exact_column = "exact_" + config.label_ranking
@@ -49,8 +51,17 @@ def write_outputs(config, setup, results) -> dict:
         frame = pd.DataFrame(table)
         frame.insert(0, "step", np.arange(max_steps))
         frame.insert(0, "model", name)
-        step_frames.append(frame[(frame.tf_count > 0) | (frame.ro_count > 0)])
         students[name] = _student_summary(arrays, region_masks, weights)
+        for window in config.windows:
+            windowed = step_table(step_arrays(results, name, max_steps, window), weights)
+            for column in ("ro", "eb", "eb_low", "eb_high"):
+                metric, _, bound = column.partition("_")
+                frame[f"{metric}_w{window}" + (f"_{bound}" if bound else "")] = windowed[column]
+            window_summary = _student_summary(step_arrays(results, name, max_steps, window), region_masks, weights)
+            for region in ("overall", "bridge", "garden"):
+                students[name][f"eb_w{window}_{region}"] = window_summary[f"eb_{region}"]
+                students[name][f"eb_w{window}_{region}_ci"] = window_summary[f"eb_{region}_ci"]
+        step_frames.append(frame[(frame.tf_count > 0) | (frame.ro_count > 0)])
     steps = pd.concat(step_frames, ignore_index=True)
 
     tokens = token_frame(positions, results, setup)
@@ -156,6 +167,12 @@ def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
         if has_exact:
             entry["spearman_vs_exact"] = _spearman(sign * positions[proxy], positions.exact_kappa)
         summary["proxies"][proxy] = entry
+    teacher_only = {"spearman_vs_kappa": _spearman(positions.teacher_only_kappa, positions.kappa)}
+    if has_exact:
+        teacher_only["spearman_vs_exact"] = _spearman(positions.teacher_only_kappa, positions.exact_kappa)
+        for label in ("bridge", "garden"):
+            teacher_only[f"{label}_vs_true_role"] = set_agreement(positions.teacher_only_region, positions.true_role, label)
+    summary["teacher_only"] = teacher_only
     if has_exact:
         summary["spearman_vs_exact"] = _spearman(positions.kappa, positions.exact_kappa)
         for label in ("bridge", "garden"):

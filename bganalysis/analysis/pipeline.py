@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, generator_for
-from bganalysis.analysis.kappa import action_weights, kappa_from_q, monte_carlo_kappa, select_actions, teacher_proxies
+from bganalysis.analysis.kappa import (action_weights, kappa_from_q, monte_carlo_kappa, select_actions,
+                                      teacher_only_kappa, teacher_proxies)
 from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
 from bganalysis.analysis.statistics import StepArrays
 from bganalysis.errors import UserError
@@ -52,6 +53,8 @@ class AnalyzeConfig:
     kappa_rollouts: int = 4  # R teacher rollouts per forced action
     kappa_horizon: int = 8  # H states scored after each forced action
     kappa_student: str | None = None  # student whose losses kappa accumulates (default: the first)
+    windows: list[int] = field(default_factory=list)  # W values for windowed EB; empty skips it
+    kappa_include_observed: bool = False  # add the observed token to the action set when it is not in the top K
     bridge_fraction: float = 0.3
     garden_fraction: float = 0.3
     label_scope: str = "document"
@@ -83,6 +86,7 @@ class AnalyzeConfig:
             ("sample_temperature", self.sample_temperature > 0, "> 0"),
             ("response_temperature", self.response_temperature >= 0, ">= 0 (0 is greedy)"),
             ("shard_size", self.shard_size >= 1, "an integer >= 1"),
+            ("windows", all(isinstance(w, int) and w >= 1 for w in self.windows), "a list of integers >= 1, e.g. 1,3,5"),
             ("bootstrap", self.bootstrap >= 10, "an integer >= 10"),
         ]
         for name, ok, rule in checks:
@@ -121,6 +125,7 @@ class DocumentResult:
     positions: list[dict]  # per response position: proxies and kappa
     tf: dict[str, np.ndarray]  # student -> [L] teacher-forced loss
     ro: dict[str, np.ndarray]  # student -> [R, M] loss on own continuations (NaN where not alive)
+    windowed: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # student -> W -> [R, L]
 
 
 def run_analysis(config: AnalyzeConfig) -> dict:
@@ -169,32 +174,74 @@ def analyse_document(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocu
         student_logprobs = runner.encode_document(ids)[states]
         tf[name] = kl_from_logprobs(teacher_logprobs, student_logprobs).double().numpy()
 
-    positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs[t]) for t in range(length)]
+    positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs) for t in range(length)]
 
     ro = {}
     uniforms = torch.rand(config.ro_samples, config.max_new_tokens,
                           generator=generator_for(config.seed, index, docs_module.PURPOSE_ROLLOUT))
     for name, runner in setup.students.items():
         ro[name] = own_continuation_losses(setup, runner, prompt_length, uniforms, config.sample_temperature)
-    return DocumentResult(doc=doc, positions=positions, tf=tf, ro=ro)
+
+    windowed = {name: {w: windowed_losses(config, setup, runner, index, doc, w) for w in config.windows}
+                for name, runner in setup.students.items()}
+    return DocumentResult(doc=doc, positions=positions, tf=tf, ro=ro, windowed=windowed)
+
+
+def windowed_losses(config: AnalyzeConfig, setup, runner: ModelRunner, index: int, doc: AnalysisDocument,
+                    window: int) -> np.ndarray:
+    """Loss at step t after the student wrote steps t - W .. t - 1 itself, [R, L], NaN where undefined.
+
+    The prefix is the teacher's up to step t - W; R continuations of W tokens are drawn
+    (the same uniforms for every student), and the loss is measured at the state they
+    reach. Rows that wrote an EOS inside the window, and steps t < W, are NaN.
+    """
+    prompt_length, length = len(doc.prompt_ids), len(doc.response_ids)
+    result = np.full((config.ro_samples, length), math.nan)
+    for t in range(window, length):
+        generator = generator_for(config.seed, index, docs_module.PURPOSE_WINDOW * 100_003 + window * 1_009 + t)
+        uniforms = torch.rand(config.ro_samples, window + 1, generator=generator)
+        prefix = prompt_length + t - window
+        tokens, _, student_logprobs = sample_continuation(runner, prefix, uniforms, setup.eos_ids, config.sample_temperature)
+        if tokens.shape[1] <= window:
+            continue  # every row ended inside the window
+        rows = setup.teacher.rows_from_prefix(prefix, tokens.shape[0])
+        teacher_logprobs = setup.teacher.extend(rows, tokens[:, :window], keep=1)[:, 0]
+        losses = kl_from_logprobs(teacher_logprobs, student_logprobs[:, window]).double()
+        ended = torch.isin(tokens[:, :window], torch.tensor(sorted(setup.eos_ids))).any(dim=1)
+        result[:, t] = torch.where(ended, torch.full_like(losses, math.nan), losses).numpy()
+    return result
 
 
 def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocument, t: int,
-                   teacher_logprobs: torch.Tensor) -> dict:
-    """Proxies, Monte-Carlo kappa and (on the lab) exact kappa at response position t."""
-    row = {"position": t, "token_id": doc.response_ids[t]}
+                   doc_teacher_logprobs: torch.Tensor) -> dict:
+    """Proxies and every kappa estimate at response position t (exact kappa on the lab).
+
+    `doc_teacher_logprobs` [L, vocab] holds the teacher's distribution before each response token.
+    """
+    teacher_logprobs = doc_teacher_logprobs[t]
+    observed = doc.response_ids[t] if config.kappa_include_observed else None
+    actions = select_actions(teacher_logprobs, config.kappa_k, observed)
+    weights = action_weights(teacher_logprobs, actions)
+    row = {"position": t, "token_id": doc.response_ids[t], "action_set_size": len(actions)}
     row.update(teacher_proxies(teacher_logprobs))
+
     generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
     estimate = monte_carlo_kappa(
         setup.teacher, setup.students[setup.kappa_student], len(doc.prompt_ids) + t, teacher_logprobs,
-        config.kappa_k, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids,
+        actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids,
     )
     row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
 
+    horizon = min(config.kappa_horizon, len(doc.response_ids) - 1 - t)
+    counterfactual = teacher_only_kappa(
+        setup.teacher, len(doc.prompt_ids) + t, actions, weights, doc.response_ids[t + 1:t + horizon],
+        doc_teacher_logprobs[t + 1:t + 1 + horizon], setup.eos_ids,
+    )
+    row.update({f"teacher_only_{key}": value for key, value in counterfactual.items()})
+
     if setup.exact is not None:
-        actions = torch.tensor(estimate["actions"])
         q = setup.exact.q_values(doc.states[t], actions.tolist(), config.kappa_horizon)
-        exact = kappa_from_q(q, action_weights(teacher_logprobs, actions))
+        exact = kappa_from_q(q, weights)
         row.update({"exact_kappa": float(exact["kappa"]), "exact_kappa_abs": float(exact["kappa_abs"]),
                     "exact_kappa_spread": float(exact["kappa_spread"]), "true_role": doc.roles[t]})
     return row
@@ -212,15 +259,18 @@ def own_continuation_losses(setup, runner: ModelRunner, prompt_length: int, unif
     return result
 
 
-def step_arrays(results: list[DocumentResult], name: str, max_steps: int) -> StepArrays:
-    """Lay out one student's losses as [documents, steps] sums and counts."""
+def step_arrays(results: list[DocumentResult], name: str, max_steps: int, window: int | None = None) -> StepArrays:
+    """Lay out one student's losses as [documents, steps] sums and counts.
+
+    With `window`, the RO arrays hold the windowed losses for that W instead.
+    """
     shape = (len(results), max_steps)
     arrays = StepArrays(np.zeros(shape), np.zeros(shape), np.zeros(shape), np.zeros(shape))
     for d, result in enumerate(results):
         tf = result.tf[name]
         arrays.tf_sum[d, : len(tf)] = tf
         arrays.tf_count[d, : len(tf)] = 1
-        ro = result.ro[name]
+        ro = result.ro[name] if window is None else result.windowed[name][window]
         alive = ~np.isnan(ro)
         arrays.ro_sum[d, : ro.shape[1]] = np.where(alive, ro, 0).sum(0)
         arrays.ro_count[d, : ro.shape[1]] = alive.sum(0)

@@ -28,6 +28,8 @@ def register(subparsers) -> None:
     parser.add_argument("--kappa-rollouts", type=int, default=4, help="teacher rollouts R per forced action")
     parser.add_argument("--kappa-horizon", type=int, default=8, help="states H scored after each forced action")
     parser.add_argument("--kappa-student", default=argparse.SUPPRESS, help="name of the student whose losses kappa sums (default: the first)")
+    parser.add_argument("--windows", type=_windows, default=[], help="comma-separated W values for windowed EB (the student writes W tokens after the teacher prefix up to t - W), e.g. 1,3,5")
+    parser.add_argument("--kappa-include-observed", action="store_true", help="add the observed response token to the action set when it is not among the teacher's top K")
     parser.add_argument("--bridge-fraction", type=float, default=0.3, help="share of positions labelled Bridge (highest kappa)")
     parser.add_argument("--garden-fraction", type=float, default=0.3, help="share of positions labelled Garden (lowest kappa)")
     parser.add_argument("--label-scope", choices=["document", "position"], default="document", help="rank within each document or within each aligned position")
@@ -41,6 +43,14 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--heatmap-docs", type=int, default=4, help="documents shown in figures/kappa_map")
     parser.set_defaults(func=run)
+
+
+def _windows(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid window list {text!r}; give integers >= 1 separated by commas, e.g. 1,3,5") from None
+    return values
 
 
 def run(args) -> None:
