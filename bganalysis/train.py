@@ -1,9 +1,10 @@
 """Train a student from a teacher with hard, soft or hybrid labels (a plain PyTorch loop).
 
 `train(TrainConfig(...))` is the entry point for scripts and the demo; the CLI command
-`bganalysis train` builds the config from a recipe YAML and flags. The losses live in
-`bganalysis.losses` and know nothing of this loop, so another loop (the transformers
-Trainer, say) can reuse them unchanged.
+`bganalysis train` builds the config from a recipe YAML and flags. `bganalysis.train_loss`
+builds the per-token loss λ·soft + (1 - λ)·hard for the configured divergence and λ
+scheme. It uses `losses`, `divergences` and `weights`, which know nothing of this loop,
+so another loop (the transformers Trainer, say) can reuse them.
 
 One optimiser step: `grad_accum` micro-batches of `batch_size` sequences each run the
 teacher (under no_grad) and the student. Each micro-batch's loss is its sum over valid
@@ -52,9 +53,22 @@ class TrainConfig:
     """
 
     method: str = _option("hybrid", "supervision: hard (cross-entropy on teacher tokens), soft (KL to the teacher distribution) or hybrid (a mix of both)")
-    lam: float | None = _option(None, "weight of the soft loss, in [0, 1]; method hard forces 0, soft forces 1, hybrid defaults to 0.5")
+    lam: float | None = _option(None, "weight of the soft loss, in [0, 1], for the static and risk_guided schemes; method hard forces 0, soft forces 1, hybrid defaults to 0.5")
     loss_temperature: float = _option(1.0, "temperature T of the soft loss: both distributions at softmax(logits / T), loss scaled by T²; not a sampling temperature")
     hard_target: str = _option("sample", "hard label: sample (the token of the teacher-written response) or argmax (the teacher's most likely token)")
+    divergence: str = _option("forward_kl", "divergence D of the soft loss D(teacher || student): forward_kl, reverse_kl, jsd, total_variation, skew_forward_kl, skew_reverse_kl or ab")
+    divergence_beta: float | None = _option(None, "beta of the divergence: jsd (in [0, 1], default 0.5) and ab (required); unset for the others")
+    divergence_alpha: float | None = _option(None, "alpha of the divergence: skew_forward_kl and skew_reverse_kl (in [0, 1], default 0.1) and ab (required); unset for the others")
+    weight_scheme: str = _option("static", "per-token soft weight: static (lam), confidence, entropy, curriculum, reverse_curriculum, bridge_garden or risk_guided (lam plus a risk penalty on the hard loss)")
+    tsallis_order: float = _option(1.0, "entropy scheme: Tsallis order of the teacher entropy, > 0; 1 is Shannon entropy")
+    lam_max: float = _option(1.0, "curriculum schemes: the soft weight at the end (curriculum) or start (reverse_curriculum) of the ramp, in [0, 1]")
+    ramp_fraction: float = _option(0.5, "curriculum schemes: fraction of the steps the linear ramp takes, in (0, 1]")
+    lam_bridge: float = _option(0.1, "bridge_garden scheme: soft weight at Bridges (the riskiest positions), in [0, 1]")
+    lam_garden: float = _option(0.9, "bridge_garden scheme: soft weight at Gardens (the safest positions), in [0, 1]")
+    lam_middle: float = _option(0.5, "bridge_garden scheme with a map: soft weight at unlabelled positions, in [0, 1]")
+    bridge_garden_map: str | None = _option(None, "bridge_garden scheme: analysis/tokens.parquet from bganalysis analyze, read by token and context; unset uses bridge_garden_proxy")
+    bridge_garden_proxy: str = _option("teacher_entropy", "bridge_garden scheme without a map: teacher_entropy, teacher_pmax or teacher_margin, ranked within each micro-batch")
+    risk_alpha: float = _option(0.1, "risk_guided scheme: weight alpha of the penalty (alpha/4)·delta² added to the hard loss, >= 0")
     teacher: str = _option("lab", "teacher: a model folder or hub id, or lab for the exact lab teacher")
     student: str = _option("tiny", "student: a model folder or hub id sharing the teacher's tokenizer, or tiny for a random-init Llama built for the tokenizer")
     student_hidden: int = _option(128, "hidden size of the tiny student")
@@ -86,6 +100,8 @@ class TrainConfig:
             setattr(self, spec.name, _coerce(spec.name, getattr(self, spec.name), hints[spec.name]))
         self._check_choices()
         self._check_ranges()
+        self._check_divergence()
+        self._check_weight_scheme()
         if self.student == "tiny":
             self._check_tiny_student()
 
@@ -100,7 +116,7 @@ class TrainConfig:
         _require(0.0 <= self.lam <= 1.0, "lam", self.lam, "lam is the weight of the soft loss and must be in [0, 1]")
         _require(_DEVICE.fullmatch(self.device) is not None, "device", self.device, "must be auto, cpu, cuda, cuda:N or mps")
         if self.name is None:
-            self.name = self.method
+            self.name = self.method if self.weight_scheme == "static" else self.weight_scheme
         _require(_NAME.fullmatch(self.name) is not None, "name", self.name, "must be a folder name of letters, digits and . _ + - (no slash, not starting with a dot)")
         for key in ("teacher", "student", "data", "out"):
             _require(getattr(self, key) != "", key, "", "must not be empty")
@@ -118,6 +134,50 @@ class TrainConfig:
             value = getattr(self, key)
             _require(math.isfinite(value) and value >= 0, key, value, "must be a number >= 0")
         _require(self.seed >= 0, "seed", self.seed, "must be a whole number >= 0")
+
+    def _check_divergence(self) -> None:
+        from bganalysis.divergences import DIVERGENCES
+        from bganalysis.train_loss import divergence_parameters
+
+        _require(self.divergence in DIVERGENCES, "divergence", self.divergence, f"must be one of {', '.join(DIVERGENCES)}")
+        takes = divergence_parameters(self.divergence)
+        for parameter in ("alpha", "beta"):
+            key, value = f"divergence_{parameter}", getattr(self, f"divergence_{parameter}")
+            if parameter not in takes:
+                _require(value is None, key, value, f"divergence {self.divergence} takes no {parameter}; remove {key}")
+            elif value is None:
+                _require(self.divergence != "ab", key, value, f"divergence ab needs both alpha and beta; set {key}")
+            elif self.divergence == "ab":
+                _require(math.isfinite(value), key, value, "must be a finite number")
+            else:
+                _require(0.0 <= value <= 1.0, key, value, f"the {parameter} of divergence {self.divergence} must be in [0, 1]")
+
+    def _check_weight_scheme(self) -> None:
+        from bganalysis.train_loss import PROXY_RISK_SIGNS, STATIC_LAMBDA_SCHEMES, WEIGHT_SCHEMES
+
+        scheme = self.weight_scheme
+        _require(scheme in WEIGHT_SCHEMES, "weight_scheme", scheme, f"must be one of {', '.join(WEIGHT_SCHEMES)}")
+        if scheme not in STATIC_LAMBDA_SCHEMES:
+            _require(self.method == "hybrid", "weight_scheme", scheme,
+                     f"a per-token soft weight needs method hybrid, but method {self.method} fixes lam; set method hybrid")
+        if scheme == "risk_guided":
+            _require(self.method != "soft", "weight_scheme", scheme,
+                     "risk_guided adds its penalty to the hard loss, which method soft weights by 0; use method hybrid or hard")
+            _require(self.hard_target == "sample", "hard_target", self.hard_target,
+                     "risk_guided needs the student's logits after the label, which the batch has only for sample labels; use hard_target sample")
+
+        _require(math.isfinite(self.tsallis_order) and self.tsallis_order > 0, "tsallis_order", self.tsallis_order, "must be a number > 0 (1 is Shannon entropy)")
+        for key in ("lam_max", "lam_bridge", "lam_garden", "lam_middle"):
+            _require(0.0 <= getattr(self, key) <= 1.0, key, getattr(self, key), "is a soft weight and must be in [0, 1]")
+        _require(0.0 < self.ramp_fraction <= 1.0, "ramp_fraction", self.ramp_fraction, "must be in (0, 1]; use weight_scheme static for a constant lam")
+        _require(math.isfinite(self.risk_alpha) and self.risk_alpha >= 0, "risk_alpha", self.risk_alpha, "must be a number >= 0")
+        _require(self.bridge_garden_proxy in PROXY_RISK_SIGNS, "bridge_garden_proxy", self.bridge_garden_proxy,
+                 f"must be one of {', '.join(PROXY_RISK_SIGNS)}")
+        if self.bridge_garden_map is not None:
+            _require(scheme == "bridge_garden", "bridge_garden_map", self.bridge_garden_map,
+                     f"only the bridge_garden scheme reads a map, not {scheme}; remove bridge_garden_map or set weight_scheme bridge_garden")
+            _require(Path(self.bridge_garden_map).is_file(), "bridge_garden_map", self.bridge_garden_map,
+                     "is not a file; pass the analysis/tokens.parquet written by bganalysis analyze")
 
     def _check_tiny_student(self) -> None:
         for key in ("student_hidden", "student_layers", "student_heads", "student_kv_heads", "student_intermediate"):
@@ -307,13 +367,14 @@ def _run_steps(config: TrainConfig, teacher, student, tokenizer, examples: list[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     max_grad_norm = config.max_grad_norm or math.inf  # an infinite bound measures the norm, clips nothing
 
+    soft_weights = _soft_weights(config, len(tokenizer))
     window, record = _LogWindow(student.device), {}
     with logging_redirect_tqdm(), log_path.open("w", encoding="utf-8") as log_file:
         for step in tqdm(range(1, config.steps + 1), desc=f"train {config.name}", unit="step", disable=None):
             micro_batches = [collate(batch, pad_id) for batch in next(batches)]
             step_valid_tokens = sum(int((batch["targets"] != IGNORE_INDEX).sum()) for batch in micro_batches)
             for batch in micro_batches:
-                window.add(_micro_step(config, teacher, student, batch, step_valid_tokens, len(tokenizer)))
+                window.add(_micro_step(config, teacher, student, batch, step_valid_tokens, len(tokenizer), soft_weights, step))
 
             window.grad_norms.append(float(torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)))
             learning_rate = scheduler.get_last_lr()[0]
@@ -330,19 +391,43 @@ def _run_steps(config: TrainConfig, teacher, student, tokenizer, examples: list[
     return record
 
 
-def _micro_step(config: TrainConfig, teacher, student, batch: dict, step_valid_tokens: int, vocab_size: int) -> dict:
-    """Run forward and backward on one micro-batch; return its summed loss parts and token counts."""
+def _soft_weights(config: TrainConfig, vocab_size: int):
+    """Return the λ scheme of the run, reading the Bridge/Garden map once when one is set."""
+    from bganalysis.region_map import RegionMap
+    from bganalysis.train_loss import SoftWeights
+
+    region_map = None
+    if config.weight_scheme == "bridge_garden" and config.bridge_garden_map is not None:
+        region_map = RegionMap.from_parquet(config.bridge_garden_map, vocab_size)
+        sizes = ", ".join(str(len(table)) for table in region_map.tables)
+        logger.info("read the Bridge/Garden map %s: contexts of 0, 1, 2 preceding tokens: %s", region_map.source, sizes)
+    return SoftWeights(config, region_map)
+
+
+def _needs_teacher(config: TrainConfig) -> bool:
+    """Return False only for hard labels from the data under a constant λ, where nothing reads the teacher."""
+    from bganalysis.train_loss import STATIC_LAMBDA_SCHEMES
+
+    return config.method != "hard" or config.hard_target == "argmax" or config.weight_scheme not in STATIC_LAMBDA_SCHEMES
+
+
+def _micro_step(
+    config: TrainConfig, teacher, student, batch: dict, step_valid_tokens: int, vocab_size: int, soft_weights=None, step: int = 1
+) -> dict:
+    """Run forward and backward on one micro-batch of optimiser step `step`; return its summed loss parts and token counts."""
     import torch
 
-    from bganalysis.losses import align_vocab, hybrid_token_losses, masked_mean
+    from bganalysis.losses import align_vocab, masked_mean
+    from bganalysis.train_loss import SoftWeights, token_losses
 
     batch = {key: value.to(student.device) for key, value in batch.items()}
     targets = batch.pop("targets")
     valid = targets != IGNORE_INDEX
+    soft_weights = soft_weights or SoftWeights(config)
 
-    # hard + sample needs nothing from the teacher, so the teacher is not run (soft is then not measured).
+    # Hard sample labels under a constant λ need nothing from the teacher, so it is not run (soft is then not measured).
     teacher_logits = None
-    if config.method != "hard" or config.hard_target == "argmax":
+    if _needs_teacher(config):
         with torch.no_grad():
             teacher_logits = teacher(**batch, use_cache=False).logits.to(student.device)
     student_logits = student(**batch, use_cache=False).logits
@@ -353,17 +438,18 @@ def _micro_step(config: TrainConfig, teacher, student, batch: dict, step_valid_t
     if config.hard_target == "argmax":
         targets = torch.where(valid, teacher_logits.argmax(dim=-1), IGNORE_INDEX)
 
-    parts = hybrid_token_losses(
-        student_logits, teacher_logits, targets, config.lam, config.loss_temperature, config.loss_chunk_tokens
-    )
+    lam = soft_weights(step, teacher_logits, targets)
+    parts = token_losses(config, student_logits, teacher_logits, batch, targets, lam)
     masked_mean(parts["total"], valid, step_valid_tokens).backward()
 
     with torch.no_grad():
         sums = {key: float(torch.where(valid, values, 0.0).sum()) for key, values in parts.items()}
+        sums["lam"] = float(torch.where(valid, lam, 0.0).sum())
     if teacher_logits is None:
         sums["soft"] = math.nan
-    loss_tokens = int(valid.sum())
-    sums.update(lam=config.lam * loss_tokens, loss_tokens=loss_tokens, tokens=int(batch["attention_mask"].sum()))
+    if config.weight_scheme != "risk_guided":
+        sums["risk"] = math.nan
+    sums.update(loss_tokens=int(valid.sum()), tokens=int(batch["attention_mask"].sum()))
     return sums
 
 
@@ -413,12 +499,13 @@ class _LogWindow:
         """Return the log record: losses in nats per loss token, throughput in input tokens/s."""
         elapsed = time.perf_counter() - self.start
         loss_tokens = int(self.sums["loss_tokens"])
-        per_token = {key: self.sums[key] / max(loss_tokens, 1) for key in ("total", "soft", "hard", "lam")}
+        per_token = {key: self.sums[key] / max(loss_tokens, 1) for key in ("total", "soft", "hard", "risk", "lam")}
         return {
             "step": step,
             "loss": per_token["total"],
             "soft": None if math.isnan(per_token["soft"]) else per_token["soft"],
             "hard": per_token["hard"],
+            "risk": None if math.isnan(per_token["risk"]) else per_token["risk"],
             "lam_mean": per_token["lam"],
             "lr": learning_rate,
             "grad_norm": sum(self.grad_norms) / len(self.grad_norms),
@@ -430,9 +517,10 @@ class _LogWindow:
 
 def _format_record(record: dict, steps: int) -> str:
     soft = "n/a" if record["soft"] is None else f"{record['soft']:.4f}"
+    risk = "" if record["risk"] is None else f", risk {record['risk']:.4f}"
     return (
-        f"step {record['step']}/{steps} | loss {record['loss']:.4f} (soft {soft}, hard {record['hard']:.4f}) "
-        f"| lam {record['lam_mean']:.2f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} "
+        f"step {record['step']}/{steps} | loss {record['loss']:.4f} (soft {soft}, hard {record['hard']:.4f}{risk}) "
+        f"| lam {record['lam_mean']:.3f} | lr {record['lr']:.2e} | grad norm {record['grad_norm']:.3f} "
         f"| {record['tokens_per_s']:,.0f} tokens/s | peak memory {record['peak_memory_gb']:.2f} GB"
     )
 
