@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from bganalysis.errors import UserError
 
-COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student"]
+COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop at the next Python step, like Ctrl-C
     try:
         args.func(args)
     except UserError as error:

@@ -89,13 +89,9 @@ def _json_line(row: dict) -> str:
 
 def write_run_config(out: Path, size: DemoSize, seed: int, lam: float) -> None:
     """config.yaml at the run root: the demo's settings, versions and seed."""
-    import platform
-
-    import torch
-    import transformers
     import yaml
 
-    from bganalysis import __version__
+    from bganalysis.provenance import provenance
 
     settings = {
         "job": "demo",
@@ -104,7 +100,6 @@ def write_run_config(out: Path, size: DemoSize, seed: int, lam: float) -> None:
         "size": asdict(size),
         "students": {method: f"students/{method}/train_config.yaml" for method in METHODS},
         "analysis": "analysis/summary.json (settings)",
-        "versions": {"bganalysis": __version__, "torch": str(torch.__version__),
-                     "transformers": str(transformers.__version__), "python": platform.python_version()},
+        "provenance": provenance(),
     }
     atomic_write_text(out / "config.yaml", yaml.safe_dump(settings, sort_keys=False))

@@ -113,3 +113,22 @@ def test_changed_settings_rejected_without_force(student, tmp_path):
 
     tokens, _ = _tables(tmp_path)
     assert len(tokens) > 0
+
+
+def test_sigterm_keeps_finished_shards(student, uninterrupted, tmp_path):
+    process = _cli(student, tmp_path)
+    first_shard = tmp_path / "analysis" / "shards" / "shard-00000.pkl"
+    deadline = time.monotonic() + 120
+    while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+
+    if process.returncode != 0:  # the run may finish before the signal arrives
+        assert process.returncode == 130
+        assert stderr.strip().splitlines()[-1].endswith("interrupted; finished outputs are kept")
+    assert first_shard.exists()
+    rerun = _cli(student, tmp_path)
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    _assert_same_tables(tmp_path, uninterrupted)

@@ -14,6 +14,7 @@ from scipy.stats import spearmanr
 from bganalysis.analysis.labels import label_frame, set_agreement
 from bganalysis.analysis.statistics import bootstrap_weights, region_summary, step_table
 from bganalysis.io import atomic_write_json, atomic_write_parquet
+from bganalysis.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def write_outputs(config, setup, results) -> dict:
     tokens = token_frame(positions, results, setup)
     summary = {
         "settings": config_dict(config),
+        "provenance": provenance(),
         "documents": len(results),
         "positions": int(len(positions)),
         "kappa_student": setup.kappa_student,
