@@ -146,14 +146,13 @@ def run_analysis(config: AnalyzeConfig) -> dict:
              "(kappa: K=%d, R=%d, H=%d, student %s)", len(setup.rows), len(shards), len(mine), rank, world,
              len(setup.students), config.kappa_k, config.kappa_rollouts, config.kappa_horizon, setup.kappa_student)
 
-    progress = tqdm(total=sum(len(shards[i]) for i in mine), desc="analyse", unit="doc")
-    for shard_index in mine:
-        results = []
-        for index, doc in zip(shards[shard_index], setup.documents(config, shards[shard_index])):
-            results.append(analyse_document(config, setup, index, doc))
-            progress.update(1)
-        store.write(shard_index, results)
-    progress.close()
+    with tqdm(total=sum(len(shards[i]) for i in mine), desc="analyse", unit="doc") as progress:
+        for shard_index in mine:
+            results = []
+            for index, doc in zip(shards[shard_index], setup.documents(config, shards[shard_index])):
+                results.append(analyse_document(config, setup, index, doc))
+                progress.update(1)
+            store.write(shard_index, results)
 
     if rank != 0:
         return {}
