@@ -1,0 +1,401 @@
+"""`bganalysis bench analysis`: the batched KV-cached rollout engine against the plain reference.
+
+Both paths take the same uniforms, so they draw the same tokens and their kappa and
+loss values agree up to float rounding. The benchmark measures
+
+- kappa: `encode_document` plus `rollouts_after_actions` (teacher and student runners)
+  against `reference.reference_rollouts` (a full forward per step, one row at a time),
+  in seconds per position at K actions, R rollouts and H states;
+- the own-continuation part of exposure bias: `sample_continuation` by the student
+  plus teacher scoring, against `reference.reference_continuation` plus a full teacher
+  forward per step, in seconds per continuation of `eb_new_tokens` tokens;
+- the standard error of kappa with common random numbers across the K actions (what
+  the engine does) over the one with independent uniforms per action, at equal calls;
+- the Spearman rho of Monte-Carlo kappa against the exact kappa on the lab;
+- the engine's tokens/s against a FLOP-count bound for this machine.
+
+The reference costs the same for every row because it never stops early, so its time
+scales linearly with the rollouts it runs. With `BenchSize.reference_rollouts` below R
+it runs only the first rollouts of each action, and its time is scaled up to R. Kappa
+is compared on that subset.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bganalysis.analysis.kappa import action_weights, kappa_from_q, select_actions
+from bganalysis.losses import kl_from_logprobs
+from bganalysis.reference import next_logprobs, reference_continuation, reference_rollouts
+from bganalysis.rollout import ModelRunner, rollouts_after_actions, sample_continuation
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "humaneval" / "HumanEval.jsonl.gz"
+DEFAULT_TEACHER_CACHE = Path("~/.cache/bganalysis/smollm2").expanduser()
+GRID_ROLLOUTS = (2, 4, 8)
+GRID_ACTIONS = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    """Budget of one benchmark run; `QUICK` fits in under 5 minutes on 2 shared CPU cores."""
+
+    prompt_tokens: int = 150  # length of the document the kappa positions lie in
+    kappa_k: int = 8
+    kappa_rollouts: int = 4
+    kappa_horizon: int = 8
+    engine_positions: int = 16  # positions the engine runs (also the se-ratio positions)
+    reference_positions: int = 2  # positions the reference runs, a centred subset of the engine's
+    reference_rollouts: int = 4  # rollouts per action the reference runs (>= 2, <= kappa_rollouts)
+    eb_new_tokens: int = 64
+    eb_engine_rows: int = 4
+    eb_reference_rows: int = 2
+    lab_docs: int = 20
+    lab_train_steps: int = 600
+    lab_k: int = 4
+    lab_rollouts: int = 4
+    lab_horizon: int = 8
+    grid: bool = True  # rho over GRID_ROLLOUTS x GRID_ACTIONS on the lab
+
+    def __post_init__(self):
+        if not 2 <= self.reference_rollouts <= self.kappa_rollouts:
+            raise ValueError(f"reference_rollouts {self.reference_rollouts} is invalid: it must be in "
+                             f"[2, kappa_rollouts={self.kappa_rollouts}] (the standard error needs two rollouts)")
+        if not 1 <= self.reference_positions <= self.engine_positions:
+            raise ValueError(f"reference_positions {self.reference_positions} is invalid: it must be in "
+                             f"[1, engine_positions={self.engine_positions}]")
+
+
+QUICK = BenchSize(engine_positions=6, reference_positions=1, reference_rollouts=2, eb_engine_rows=4,
+                  eb_reference_rows=1, grid=False)
+
+
+def matmul_gflops(size: int = 1024, min_seconds: float = 0.5) -> float:
+    """Measure fp32 `torch.matmul` of two size x size matrices at the current thread count, GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.matmul(a, b)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds:
+        torch.matmul(a, b)
+        repeats += 1
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_token(model) -> float:
+    """Estimate forward FLOPs per token as 2 x (non-embedding parameters + lm_head parameters).
+
+    NOTE: attention over the context (about 4 x context x width FLOPs per layer) is left
+    out. By that estimate it adds about 4% for SmolLM2-135M at 150 tokens of context.
+    """
+    unique = {id(p): p.numel() for p in model.parameters()}
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    non_embedding = sum(unique.values()) - embedding.numel() - (head.numel() if id(head) != id(embedding) else 0)
+    return 2.0 * (non_embedding + head.numel())
+
+
+def centred_subset(count: int, total: int) -> list[int]:
+    """Indices of `count` items spread evenly over `total`, each in the middle of its share."""
+    return [int((i + 0.5) * total / count) for i in range(count)]
+
+
+def _paired_kappa_se(q: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """Kappa and its standard error from per-rollout Q [R, K] under common random numbers."""
+    per_rollout = kappa_from_q(q, weights)["kappa"]
+    return float(per_rollout.mean()), float(per_rollout.std(ddof=1) / math.sqrt(len(per_rollout)))
+
+
+def _independent_kappa_se(q: np.ndarray, weights: np.ndarray) -> float:
+    """Standard error of kappa = sum_a c_a Q_a from Q [R, K] drawn with independent uniforms per action."""
+    coefficients = 1.0 - len(weights) * weights
+    return float(math.sqrt((coefficients**2 * q.var(axis=0, ddof=1)).sum() / q.shape[0]))
+
+
+def _q_per_rollout(losses: torch.Tensor, num_actions: int, rollouts: int) -> np.ndarray:
+    """Q per rollout [R, K] from action-major per-state losses [K * R, H]."""
+    return losses.sum(dim=1).double().numpy().reshape(num_actions, rollouts).T
+
+
+def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: set[int], vocab_size: int,
+                  seed: int = 0) -> dict:
+    """Time kappa in the engine and the reference on one document and compare the values.
+
+    Positions are prefix lengths spread over the last quarter of `ids`. Returns seconds
+    per position, the speedup, the largest kappa difference in standard errors, the
+    standard-error ratio of common against independent uniforms, and the engine's tokens/s.
+    """
+    k, r, h = size.kappa_k, size.kappa_rollouts, size.kappa_horizon
+    document = torch.tensor(ids)
+    prefixes = np.unique(np.linspace(max(1, len(ids) * 3 // 4), len(ids), size.engine_positions).round().astype(int))
+    teacher_runner, student_runner = ModelRunner(teacher, vocab_size), ModelRunner(student, vocab_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    start = time.perf_counter()
+    teacher_logprobs = teacher_runner.encode_document(document)
+    student_runner.encode_document(document)
+    encode_seconds = time.perf_counter() - start
+
+    rollout_seconds, positions = 0.0, []
+    for prefix in tqdm(prefixes.tolist(), desc="kappa engine", unit="position"):
+        actions = select_actions(teacher_logprobs[prefix - 1], k)
+        weights = action_weights(teacher_logprobs[prefix - 1], actions)
+        shared = torch.rand(r, h - 1, generator=generator).expand(len(actions), r, h - 1)
+        independent = torch.rand(len(actions), r, h - 1, generator=generator)
+
+        start = time.perf_counter()
+        sample = rollouts_after_actions(teacher_runner, {"s": student_runner}, prefix, actions, shared, eos_ids)
+        rollout_seconds += time.perf_counter() - start
+        plain = rollouts_after_actions(teacher_runner, {"s": student_runner}, prefix, actions, independent, eos_ids)
+
+        positions.append({"prefix": prefix, "actions": actions, "weights": weights, "uniforms": shared,
+                          "q": _q_per_rollout(sample.losses["s"], len(actions), r),
+                          "q_independent": _q_per_rollout(plain.losses["s"], len(actions), r)})
+
+    crn_variance = np.mean([_paired_kappa_se(p["q"], p["weights"])[1] ** 2 for p in positions])
+    independent_variance = np.mean([_independent_kappa_se(p["q_independent"], p["weights"]) ** 2 for p in positions])
+    engine_seconds = encode_seconds + rollout_seconds
+    # Each runner reads the document once, then feeds H + 1 tokens a row (the last prefix token and H more).
+    tokens_per_model = len(ids) + len(positions) * k * r * (h + 1)
+    tokens = 2 * tokens_per_model
+    bound = _flop_bound(teacher, student, tokens_per_model, tokens_per_model)
+
+    reference = _reference_kappa(teacher, student, ids, [positions[i] for i in
+                                 centred_subset(min(size.reference_positions, len(positions)), len(positions))],
+                                 size.reference_rollouts, eos_ids, vocab_size)
+    reference_per_position = reference["seconds"] / reference["positions"] * r / size.reference_rollouts
+    engine_per_position = engine_seconds / len(positions)
+    return {
+        "kappa_engine_positions": len(positions),
+        "kappa_reference_positions": reference["positions"],
+        "kappa_reference_rollouts_timed": size.reference_rollouts,
+        "kappa_engine_encode_seconds": encode_seconds,
+        "kappa_engine_seconds_per_position": engine_per_position,
+        "kappa_reference_seconds_per_position": reference_per_position,
+        "kappa_speedup_vs_reference": reference_per_position / engine_per_position,
+        "kappa_max_abs_diff_vs_reference_in_se": reference["max_diff_in_se"],
+        "kappa_se_ratio_vs_plain": float(math.sqrt(crn_variance / independent_variance)),
+        "tokens_per_second": tokens / engine_seconds,
+        **bound(tokens / engine_seconds),
+    }
+
+
+def _flop_bound(teacher, student, teacher_tokens: int, student_tokens: int):
+    """Return a function from measured tokens/s to the FLOP-bound keys of the result."""
+    rate = matmul_gflops() * 1e9
+    flops = teacher_tokens * flops_per_token(teacher) + student_tokens * flops_per_token(student)
+    bound_tokens_per_second = rate * (teacher_tokens + student_tokens) / flops
+
+    def keys(tokens_per_second: float) -> dict:
+        return {"matmul_gflops": rate / 1e9, "flop_bound_tokens_per_second": bound_tokens_per_second,
+                "fraction_of_flop_bound": tokens_per_second / bound_tokens_per_second}
+
+    return keys
+
+
+def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], rollouts: int,
+                     eos_ids: set[int], vocab_size: int) -> dict:
+    """Run `reference_rollouts` on the first `rollouts` rollouts of each position; compare kappa."""
+    seconds, max_diff_in_se = 0.0, 0.0
+    progress = tqdm(total=len(positions) * len(positions[0]["actions"]), desc="kappa reference", unit="action")
+    for position in positions:
+        prefix, actions = ids[: position["prefix"]], position["actions"]
+        q = np.zeros((rollouts, len(actions)))
+        for a in range(len(actions)):
+            start = time.perf_counter()
+            sample = reference_rollouts(teacher, {"s": student}, prefix, actions[a:a + 1],
+                                        position["uniforms"][a:a + 1, :rollouts], eos_ids, vocab_size)
+            seconds += time.perf_counter() - start
+            q[:, a] = sample.losses["s"].sum(dim=1).double().numpy()
+            progress.update(1)
+
+        engine_kappa, engine_se = _paired_kappa_se(position["q"][:rollouts], position["weights"])
+        reference_kappa, _ = _paired_kappa_se(q, position["weights"])
+        difference = abs(engine_kappa - reference_kappa)
+        if engine_se > 0:
+            max_diff_in_se = max(max_diff_in_se, difference / engine_se)
+        elif difference > 0:
+            max_diff_in_se = math.inf  # rollouts agree among themselves but not with the reference
+    progress.close()
+    return {"seconds": seconds, "positions": len(positions), "max_diff_in_se": max_diff_in_se}
+
+
+def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_ids: set[int], vocab_size: int,
+                         seed: int = 0) -> dict:
+    """Time the student's own continuations after `ids` plus teacher scoring, engine against reference.
+
+    Returns seconds per continuation row (the engine's encode included, shared by its
+    rows), the speedup, and the largest per-state loss difference (nats) on the rows both ran.
+    """
+    new_tokens = size.eb_new_tokens
+    uniforms = torch.rand(size.eb_engine_rows, new_tokens, generator=torch.Generator().manual_seed(seed + 1))
+    teacher_runner, student_runner = ModelRunner(teacher, vocab_size), ModelRunner(student, vocab_size)
+
+    start = time.perf_counter()
+    teacher_runner.encode_document(torch.tensor(ids))
+    student_runner.encode_document(torch.tensor(ids))
+    tokens, alive, student_logprobs = sample_continuation(student_runner, len(ids), uniforms, eos_ids)
+    rows = teacher_runner.rows_from_prefix(len(ids), tokens.shape[0])
+    teacher_logprobs = teacher_runner.extend(rows, tokens, keep=tokens.shape[1] + 1)[:, :-1]
+    engine_losses = kl_from_logprobs(teacher_logprobs, student_logprobs) * alive
+    engine_seconds = time.perf_counter() - start
+
+    reference_rows = min(size.eb_reference_rows, size.eb_engine_rows)
+    start, max_diff = time.perf_counter(), 0.0
+    for row in tqdm(range(reference_rows), desc="continuation reference", unit="row"):
+        row_tokens, row_alive, row_student = reference_continuation(student, ids, uniforms[row:row + 1], eos_ids, vocab_size)
+        row_teacher = torch.stack([next_logprobs(teacher, ids + row_tokens[0, :step].tolist(), vocab_size)
+                                   for step in range(row_tokens.shape[1])])
+        row_losses = kl_from_logprobs(row_teacher, row_student[0]) * row_alive[0]
+        width = min(row_losses.shape[0], engine_losses.shape[1])
+        max_diff = max(max_diff, float((row_losses[:width] - engine_losses[row, :width]).abs().max()))
+    reference_seconds = time.perf_counter() - start
+
+    engine_per_row = engine_seconds / size.eb_engine_rows
+    reference_per_row = reference_seconds / reference_rows
+    return {
+        "eb_new_tokens": new_tokens,
+        "eb_engine_rows": size.eb_engine_rows,
+        "eb_reference_rows": reference_rows,
+        "eb_engine_seconds_per_row": engine_per_row,
+        "eb_reference_seconds_per_row": reference_per_row,
+        "eb_speedup_vs_reference": reference_per_row / engine_per_row,
+        "eb_max_abs_diff_vs_reference": max_diff,
+        "eb_rollout_loss_mean": float(engine_losses.sum() / alive.sum().clamp(min=1)),
+    }
+
+
+def train_lab_student(out: Path, steps: int, seed: int = 0, num_docs: int = 2000) -> Path:
+    """Train a hard-label student on `num_docs` lab documents for `steps` steps; return its folder."""
+    from bganalysis.train import TrainConfig, train
+
+    return train(TrainConfig(method="hard", teacher="lab", data="lab", steps=steps, num_docs=num_docs, seed=seed,
+                             out=str(out), name="hard", device="cpu"))
+
+
+def lab_kappa_spearman(student: Path, out: Path, docs: int, k: int, rollouts: int, horizon: int, seed: int = 0) -> float:
+    """Spearman rho of Monte-Carlo kappa against the exact lab kappa, from `run_analysis` on lab prompts."""
+    from bganalysis.analysis.pipeline import AnalyzeConfig, run_analysis
+
+    config = AnalyzeConfig(teacher="lab", students=[str(student)], out=str(out), num_lab_docs=docs, kappa_k=k,
+                           kappa_rollouts=rollouts, kappa_horizon=horizon, ro_samples=1, bootstrap=10,
+                           heatmap_docs=0, seed=seed, force=True)
+    return float(run_analysis(config)["kappa_spearman_vs_exact"])
+
+
+def rho_grid(student: Path, out: Path, size: BenchSize, seed: int = 0) -> list[dict]:
+    """Rho against exact kappa for every R in GRID_ROLLOUTS and K in GRID_ACTIONS; writes CSV and figure."""
+    import pandas as pd
+
+    from bganalysis.io import atomic_write_text
+
+    rows = []
+    for rollouts in GRID_ROLLOUTS:
+        for k in GRID_ACTIONS:
+            log.info("lab grid: K=%d, R=%d", k, rollouts)
+            rho = lab_kappa_spearman(student, out / "lab" / f"k{k}_r{rollouts}", size.lab_docs, k, rollouts,
+                                     size.lab_horizon, seed)
+            rows.append({"kappa_k": k, "kappa_rollouts": rollouts, "kappa_horizon": size.lab_horizon, "rho": rho})
+    frame = pd.DataFrame(rows)
+    atomic_write_text(out / "rho_vs_budget.csv", frame.to_csv(index=False))
+    _plot_rho_grid(frame, out)
+    return rows
+
+
+def _plot_rho_grid(frame, out: Path) -> None:
+    from bganalysis.analysis.figures import _pyplot, _save
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    for k, group in frame.groupby("kappa_k"):
+        axes.plot(group["kappa_rollouts"], group["rho"], marker="o", label=f"K = {k}")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(list(GRID_ROLLOUTS), [str(r) for r in GRID_ROLLOUTS])
+    axes.set_xlabel("rollouts R per action")
+    axes.set_ylabel("Spearman rho vs exact kappa")
+    axes.set_title(f"Lab: Monte-Carlo kappa against exact (H = {int(frame['kappa_horizon'].iloc[0])})")
+    axes.legend()
+    _save(figure, out, "rho_vs_budget")
+    plt.close(figure)
+
+
+def resolve_teacher(path: str | None) -> Path:
+    """Return the SmolLM2 teacher folder: `path`, or a converted copy in DEFAULT_TEACHER_CACHE."""
+    from bganalysis.models import import_gguf, smollm2_gguf_path
+
+    if path is not None:
+        return Path(path)
+    if not (DEFAULT_TEACHER_CACHE / "config.json").is_file():
+        log.info("converting SmolLM2-135M-Instruct into %s", DEFAULT_TEACHER_CACHE)
+        import_gguf(smollm2_gguf_path(), DEFAULT_TEACHER_CACHE)
+    return DEFAULT_TEACHER_CACHE
+
+
+def code_documents(prompts: Path, tokenizer, length: int, count: int) -> list[list[int]]:
+    """The first `length` tokens of the first `count` prompts that have at least that many.
+
+    Plain tokenisation: no chat template and no special tokens.
+    """
+    from bganalysis.errors import UserError
+    from bganalysis.io import read_prompts
+
+    documents = []
+    for row in read_prompts(prompts):
+        ids = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            documents.append(ids[:length])
+        if len(documents) == count:
+            return documents
+    raise UserError(f"{prompts} has fewer than {count} prompts of at least {length} tokens; pass another --prompts file")
+
+
+def run_bench(teacher: str | None, prompts: str | None, out: str, size: BenchSize, seed: int = 0) -> dict:
+    """Run every measurement of the benchmark with SmolLM2 and the lab; return the result keys."""
+    from bganalysis.analysis.setup import _eos_ids
+    from bganalysis.errors import UserError
+    from bganalysis.io import atomic_write_json
+    from bganalysis.models import count_parameters, derive_student, load_causal_lm, load_tokenizer
+
+    started = time.perf_counter()
+    out_dir = Path(out)
+    prompts_path = Path(prompts) if prompts is not None else DEFAULT_PROMPTS
+    if not prompts_path.is_file():
+        raise UserError(f"prompts file not found: {prompts_path}; pass --prompts with HumanEval.jsonl.gz or another prompt file")
+    teacher_dir = resolve_teacher(teacher)
+    log.info("settings: %s; teacher %s; prompts %s; torch threads %d", asdict(size), teacher_dir, prompts_path,
+             torch.get_num_threads())
+
+    teacher_model = load_causal_lm(str(teacher_dir), dtype=torch.float32)
+    student_model = derive_student(teacher_model, 6)
+    tokenizer = load_tokenizer(str(teacher_dir))
+    eos_ids, vocab_size = _eos_ids(tokenizer, teacher_model), len(tokenizer)
+    log.info("teacher %d parameters, student %d (6 of %d layers)", count_parameters(teacher_model),
+             count_parameters(student_model), teacher_model.config.num_hidden_layers)
+    kappa_document, continuation_prompt = code_documents(prompts_path, tokenizer, size.prompt_tokens, 2)
+
+    result = {"threads": torch.get_num_threads(), "prompt_tokens": size.prompt_tokens, "kappa_k": size.kappa_k,
+              "kappa_rollouts": size.kappa_rollouts, "kappa_horizon": size.kappa_horizon}
+    result.update(measure_kappa(teacher_model, student_model, kappa_document, size, eos_ids, vocab_size, seed))
+    result.update(measure_continuation(teacher_model, student_model, continuation_prompt, size, eos_ids, vocab_size, seed))
+    del teacher_model, student_model
+
+    lab_student = train_lab_student(out_dir / "lab", size.lab_train_steps, seed)
+    result["kappa_spearman_vs_exact"] = lab_kappa_spearman(lab_student, out_dir / "lab" / "main", size.lab_docs,
+                                                           size.lab_k, size.lab_rollouts, size.lab_horizon, seed)
+    result.update({"lab_k": size.lab_k, "lab_rollouts": size.lab_rollouts, "lab_horizon": size.lab_horizon,
+                   "lab_docs": size.lab_docs})
+    if size.grid:
+        grid = rho_grid(lab_student, out_dir, size, seed)
+        result["rho_grid"] = {f"K{row['kappa_k']}_R{row['kappa_rollouts']}": row["rho"] for row in grid}
+        result["rho_figure"] = str(out_dir / "rho_vs_budget.png")
+    result["total_seconds"] = time.perf_counter() - started
+    atomic_write_json(out_dir / "bench_analysis.json", result)
+    return result
