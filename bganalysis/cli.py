@@ -15,7 +15,7 @@ import sys
 
 from bganalysis.errors import UserError
 
-COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student", "bench"]
+COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student", "bench", "generate"]
 
 
 def build_parser() -> argparse.ArgumentParser:
