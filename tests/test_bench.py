@@ -54,6 +54,7 @@ def test_kappa_keys_are_finite(kappa_result):
 
 def test_kappa_engine_matches_reference(kappa_result):
     assert kappa_result["kappa_max_abs_diff_vs_reference_in_se"] < 1e-3
+    assert kappa_result["kappa_identical_rollouts_vs_reference"] == 1.0
 
 
 def test_kappa_counts_positions(kappa_result):
@@ -66,6 +67,7 @@ def test_continuation_matches_reference(models, document):
     for key in CONTINUATION_KEYS:
         assert math.isfinite(result[key]), key
     assert result["eb_max_abs_diff_vs_reference"] < 1e-4
+    assert result["eb_identical_tokens_vs_reference"] == 6
     assert result["eb_reference_rows"] == 2
 
 

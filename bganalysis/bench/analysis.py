@@ -1,7 +1,8 @@
 """`bganalysis bench analysis`: the batched KV-cached rollout engine against the plain reference.
 
 Both paths take the same uniforms, so they draw the same tokens and their kappa and
-loss values agree up to float rounding. The benchmark measures
+loss values agree up to float rounding, unless rounding flips a draw (see
+`measure_continuation`). The benchmark measures
 
 - kappa: `encode_document` plus `rollouts_after_actions` (teacher and student runners)
   against `reference.reference_rollouts` (a full forward per step, one row at a time),
@@ -47,7 +48,7 @@ GRID_ACTIONS = (2, 4, 8)
 
 @dataclass(frozen=True)
 class BenchSize:
-    """Budget of one benchmark run; `QUICK` fits in under 5 minutes on 2 shared CPU cores."""
+    """Budget of one benchmark run. `QUICK` took 4 minutes with 1 thread on a shared 2-core CPU."""
 
     prompt_tokens: int = 150  # length of the document the kappa positions lie in
     kappa_k: int = 8
@@ -157,6 +158,7 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
         plain = rollouts_after_actions(teacher_runner, {"s": student_runner}, prefix, actions, independent, eos_ids)
 
         positions.append({"prefix": prefix, "actions": actions, "weights": weights, "uniforms": shared,
+                          "tokens": sample.tokens.reshape(len(actions), r, h),
                           "q": _q_per_rollout(sample.losses["s"], len(actions), r),
                           "q_independent": _q_per_rollout(plain.losses["s"], len(actions), r)})
 
@@ -182,6 +184,7 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
         "kappa_reference_seconds_per_position": reference_per_position,
         "kappa_speedup_vs_reference": reference_per_position / engine_per_position,
         "kappa_max_abs_diff_vs_reference_in_se": reference["max_diff_in_se"],
+        "kappa_identical_rollouts_vs_reference": reference["identical_fraction"],
         "kappa_se_ratio_vs_plain": float(math.sqrt(crn_variance / independent_variance)),
         "tokens_per_second": tokens / engine_seconds,
         **bound(tokens / engine_seconds),
@@ -204,7 +207,7 @@ def _flop_bound(teacher, student, teacher_tokens: int, student_tokens: int):
 def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], rollouts: int,
                      eos_ids: set[int], vocab_size: int) -> dict:
     """Run `reference_rollouts` on the first `rollouts` rollouts of each position; compare kappa."""
-    seconds, max_diff_in_se = 0.0, 0.0
+    seconds, max_diff_in_se, identical_rows, rows = 0.0, 0.0, 0, 0
     progress = tqdm(total=len(positions) * len(positions[0]["actions"]), desc="kappa reference", unit="action")
     for position in positions:
         prefix, actions = ids[: position["prefix"]], position["actions"]
@@ -215,6 +218,8 @@ def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], ro
                                         position["uniforms"][a:a + 1, :rollouts], eos_ids, vocab_size)
             seconds += time.perf_counter() - start
             q[:, a] = sample.losses["s"].sum(dim=1).double().numpy()
+            matches = (sample.tokens == position["tokens"][a, :rollouts]).all(dim=1)
+            identical_rows, rows = identical_rows + int(matches.sum()), rows + len(matches)
             progress.update(1)
 
         engine_kappa, engine_se = _paired_kappa_se(position["q"][:rollouts], position["weights"])
@@ -225,7 +230,8 @@ def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], ro
         elif difference > 0:
             max_diff_in_se = math.inf  # rollouts agree among themselves but not with the reference
     progress.close()
-    return {"seconds": seconds, "positions": len(positions), "max_diff_in_se": max_diff_in_se}
+    return {"seconds": seconds, "positions": len(positions), "max_diff_in_se": max_diff_in_se,
+            "identical_fraction": identical_rows / rows}
 
 
 def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_ids: set[int], vocab_size: int,
@@ -233,7 +239,11 @@ def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_
     """Time the student's own continuations after `ids` plus teacher scoring, engine against reference.
 
     Returns seconds per continuation row (the engine's encode included, shared by its
-    rows), the speedup, and the largest per-state loss difference (nats) on the rows both ran.
+    rows), the speedup, and the largest per-state loss difference (nats) on the rows both
+    ran. Rounding differs between a batch and a single row, and in a flat distribution
+    that can flip one inverse-CDF draw, after which the rows write different text. So
+    losses are compared only up to the first differing token, and the mean count of
+    identical leading tokens is returned too.
     """
     new_tokens = size.eb_new_tokens
     uniforms = torch.rand(size.eb_engine_rows, new_tokens, generator=torch.Generator().manual_seed(seed + 1))
@@ -249,14 +259,18 @@ def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_
     engine_seconds = time.perf_counter() - start
 
     reference_rows = min(size.eb_reference_rows, size.eb_engine_rows)
-    start, max_diff = time.perf_counter(), 0.0
+    start, max_diff, identical = time.perf_counter(), 0.0, []
     for row in tqdm(range(reference_rows), desc="continuation reference", unit="row"):
         row_tokens, row_alive, row_student = reference_continuation(student, ids, uniforms[row:row + 1], eos_ids, vocab_size)
         row_teacher = torch.stack([next_logprobs(teacher, ids + row_tokens[0, :step].tolist(), vocab_size)
                                    for step in range(row_tokens.shape[1])])
         row_losses = kl_from_logprobs(row_teacher, row_student[0]) * row_alive[0]
         width = min(row_losses.shape[0], engine_losses.shape[1])
-        max_diff = max(max_diff, float((row_losses[:width] - engine_losses[row, :width]).abs().max()))
+        differs = (row_tokens[0, :width] != tokens[row, :width]).nonzero()
+        same = int(differs[0]) if len(differs) else width
+        identical.append(same)
+        compared = min(same + 1, width)  # the state before the first differing token still has the same prefix
+        max_diff = max(max_diff, float((row_losses[:compared] - engine_losses[row, :compared]).abs().max()))
     reference_seconds = time.perf_counter() - start
 
     engine_per_row = engine_seconds / size.eb_engine_rows
@@ -269,6 +283,7 @@ def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_
         "eb_reference_seconds_per_row": reference_per_row,
         "eb_speedup_vs_reference": reference_per_row / engine_per_row,
         "eb_max_abs_diff_vs_reference": max_diff,
+        "eb_identical_tokens_vs_reference": float(np.mean(identical)),
         "eb_rollout_loss_mean": float(engine_losses.sum() / alive.sum().clamp(min=1)),
     }
 
