@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from bganalysis.bench.analysis import (BenchSize, centred_subset, flops_per_token, lab_kappa_spearman,
-                                       measure_continuation, measure_kappa, train_lab_student)
+from bganalysis.bench.analysis import (BenchSize, _independent_kappa_se, _paired_kappa_se, centred_subset,
+                                       flops_per_token, lab_kappa_spearman, measure_continuation, measure_kappa,
+                                       train_lab_student)
 from bganalysis.cli import build_parser
 from bganalysis.lab import sample_documents
 from tests.helpers import tiny_llama
@@ -108,3 +110,12 @@ def test_lab_spearman_is_finite(tmp_path):
     student = train_lab_student(tmp_path, steps=3, num_docs=16)
     rho = lab_kappa_spearman(student, tmp_path / "analysis", docs=3, k=2, rollouts=2, horizon=2)
     assert -1.0 <= rho <= 1.0
+
+
+def test_common_numbers_cancel_shared_noise():
+    weights = np.array([0.5, 0.3, 0.2])
+    shared_noise = np.random.default_rng(0).normal(size=(8, 1))
+    q = np.array([[1.0, 2.0, 3.0]]) + shared_noise  # every action moves with the same rollout noise
+    _, paired_se = _paired_kappa_se(q, weights)
+    assert paired_se < 1e-12
+    assert _independent_kappa_se(q, weights) > 0.1
