@@ -135,18 +135,53 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
     standard-error ratio of common against independent uniforms, and the engine's tokens/s.
     """
     k, r, h = size.kappa_k, size.kappa_rollouts, size.kappa_horizon
-    document = torch.tensor(ids)
     prefixes = np.unique(np.linspace(max(1, len(ids) * 3 // 4), len(ids), size.engine_positions).round().astype(int))
+    positions, encode_seconds, rollout_seconds = _engine_kappa(teacher, student, ids, prefixes.tolist(), size,
+                                                               eos_ids, vocab_size, seed)
+    crn_variance = np.mean([_paired_kappa_se(p["q"], p["weights"])[1] ** 2 for p in positions])
+    independent_variance = np.mean([_independent_kappa_se(p["q_independent"], p["weights"]) ** 2 for p in positions])
+    engine_seconds = encode_seconds + rollout_seconds
+    # Each runner reads the document once, then feeds H + 1 tokens a row (the last prefix token and H more).
+    tokens_per_model = len(ids) + len(positions) * k * r * (h + 1)
+    tokens_per_second = 2 * tokens_per_model / engine_seconds
+
+    compared = [positions[i] for i in centred_subset(min(size.reference_positions, len(positions)), len(positions))]
+    reference = _reference_kappa(teacher, student, ids, compared, size.reference_rollouts, eos_ids, vocab_size)
+    reference_per_position = reference["seconds"] / len(compared) * r / size.reference_rollouts
+    engine_per_position = engine_seconds / len(positions)
+    return {
+        "kappa_engine_positions": len(positions),
+        "kappa_reference_positions": len(compared),
+        "kappa_reference_rollouts_timed": size.reference_rollouts,
+        "kappa_engine_encode_seconds": encode_seconds,
+        "kappa_engine_seconds_per_position": engine_per_position,
+        "kappa_reference_seconds_per_position": reference_per_position,
+        "kappa_speedup_vs_reference": reference_per_position / engine_per_position,
+        "kappa_max_abs_diff_vs_reference_in_se": reference["max_diff_in_se"],
+        "kappa_identical_rollouts_vs_reference": reference["identical_fraction"],
+        "kappa_se_ratio_vs_plain": float(math.sqrt(crn_variance / independent_variance)),
+        "tokens_per_second": tokens_per_second,
+        **flop_bound(teacher, student, tokens_per_second),
+    }
+
+
+def _engine_kappa(teacher, student, ids: list[int], prefixes: list[int], size: BenchSize, eos_ids: set[int],
+                  vocab_size: int, seed: int) -> tuple[list[dict], float, float]:
+    """Run the engine at each prefix twice: common uniforms across actions (timed), then independent ones.
+
+    Returns per-position records, the encode seconds and the timed rollout seconds.
+    """
+    k, r, h = size.kappa_k, size.kappa_rollouts, size.kappa_horizon
     teacher_runner, student_runner = ModelRunner(teacher, vocab_size), ModelRunner(student, vocab_size)
     generator = torch.Generator().manual_seed(seed)
 
     start = time.perf_counter()
-    teacher_logprobs = teacher_runner.encode_document(document)
-    student_runner.encode_document(document)
+    teacher_logprobs = teacher_runner.encode_document(torch.tensor(ids))
+    student_runner.encode_document(torch.tensor(ids))
     encode_seconds = time.perf_counter() - start
 
     rollout_seconds, positions = 0.0, []
-    for prefix in tqdm(prefixes.tolist(), desc="kappa engine", unit="position"):
+    for prefix in tqdm(prefixes, desc="kappa engine", unit="position"):
         actions = select_actions(teacher_logprobs[prefix - 1], k)
         weights = action_weights(teacher_logprobs[prefix - 1], actions)
         shared = torch.rand(r, h - 1, generator=generator).expand(len(actions), r, h - 1)
@@ -161,47 +196,19 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
                           "tokens": sample.tokens.reshape(len(actions), r, h),
                           "q": _q_per_rollout(sample.losses["s"], len(actions), r),
                           "q_independent": _q_per_rollout(plain.losses["s"], len(actions), r)})
-
-    crn_variance = np.mean([_paired_kappa_se(p["q"], p["weights"])[1] ** 2 for p in positions])
-    independent_variance = np.mean([_independent_kappa_se(p["q_independent"], p["weights"]) ** 2 for p in positions])
-    engine_seconds = encode_seconds + rollout_seconds
-    # Each runner reads the document once, then feeds H + 1 tokens a row (the last prefix token and H more).
-    tokens_per_model = len(ids) + len(positions) * k * r * (h + 1)
-    tokens = 2 * tokens_per_model
-    bound = _flop_bound(teacher, student, tokens_per_model, tokens_per_model)
-
-    reference = _reference_kappa(teacher, student, ids, [positions[i] for i in
-                                 centred_subset(min(size.reference_positions, len(positions)), len(positions))],
-                                 size.reference_rollouts, eos_ids, vocab_size)
-    reference_per_position = reference["seconds"] / reference["positions"] * r / size.reference_rollouts
-    engine_per_position = engine_seconds / len(positions)
-    return {
-        "kappa_engine_positions": len(positions),
-        "kappa_reference_positions": reference["positions"],
-        "kappa_reference_rollouts_timed": size.reference_rollouts,
-        "kappa_engine_encode_seconds": encode_seconds,
-        "kappa_engine_seconds_per_position": engine_per_position,
-        "kappa_reference_seconds_per_position": reference_per_position,
-        "kappa_speedup_vs_reference": reference_per_position / engine_per_position,
-        "kappa_max_abs_diff_vs_reference_in_se": reference["max_diff_in_se"],
-        "kappa_identical_rollouts_vs_reference": reference["identical_fraction"],
-        "kappa_se_ratio_vs_plain": float(math.sqrt(crn_variance / independent_variance)),
-        "tokens_per_second": tokens / engine_seconds,
-        **bound(tokens / engine_seconds),
-    }
+    return positions, encode_seconds, rollout_seconds
 
 
-def _flop_bound(teacher, student, teacher_tokens: int, student_tokens: int):
-    """Return a function from measured tokens/s to the FLOP-bound keys of the result."""
+def flop_bound(teacher, student, tokens_per_second: float) -> dict:
+    """Compare tokens/s of teacher and student together with the FLOP-count bound of this machine.
+
+    Both models read the same number of tokens, so the bound is the matmul rate times
+    2 over the FLOPs per token of teacher and student summed.
+    """
     rate = matmul_gflops() * 1e9
-    flops = teacher_tokens * flops_per_token(teacher) + student_tokens * flops_per_token(student)
-    bound_tokens_per_second = rate * (teacher_tokens + student_tokens) / flops
-
-    def keys(tokens_per_second: float) -> dict:
-        return {"matmul_gflops": rate / 1e9, "flop_bound_tokens_per_second": bound_tokens_per_second,
-                "fraction_of_flop_bound": tokens_per_second / bound_tokens_per_second}
-
-    return keys
+    bound = rate * 2 / (flops_per_token(teacher) + flops_per_token(student))
+    return {"matmul_gflops": rate / 1e9, "flop_bound_tokens_per_second": bound,
+            "fraction_of_flop_bound": tokens_per_second / bound}
 
 
 def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], rollouts: int,
@@ -230,8 +237,7 @@ def _reference_kappa(teacher, student, ids: list[int], positions: list[dict], ro
         elif difference > 0:
             max_diff_in_se = math.inf  # rollouts agree among themselves but not with the reference
     progress.close()
-    return {"seconds": seconds, "positions": len(positions), "max_diff_in_se": max_diff_in_se,
-            "identical_fraction": identical_rows / rows}
+    return {"seconds": seconds, "max_diff_in_se": max_diff_in_se, "identical_fraction": identical_rows / rows}
 
 
 def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_ids: set[int], vocab_size: int,
