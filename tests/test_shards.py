@@ -58,6 +58,16 @@ def _cli(student, out, env=None):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _signal_after_first_shard(process, out, signum):
+    """Send `signum` to a running analysis once its first shard is on disk; return that shard's path."""
+    first_shard = out / "analysis" / "shards" / "shard-00000.pkl"
+    deadline = time.monotonic() + 120
+    while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    return first_shard
+
+
 def test_rerun_computes_only_missing_shard(student, uninterrupted, tmp_path):
     first = _cli(student, tmp_path)
     _, stderr = first.communicate(timeout=300)
@@ -78,12 +88,8 @@ def test_rerun_computes_only_missing_shard(student, uninterrupted, tmp_path):
 
 def test_sigkill_then_rerun_matches_uninterrupted(student, uninterrupted, tmp_path):
     process = _cli(student, tmp_path)
-    first_shard = tmp_path / "analysis" / "shards" / "shard-00000.pkl"
-    deadline = time.monotonic() + 120
-    while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    first_shard = _signal_after_first_shard(process, tmp_path, signal.SIGKILL)
+    process.communicate(timeout=60)
     assert first_shard.exists()
     assert not (tmp_path / "analysis" / "tokens.parquet").exists()
 
@@ -117,11 +123,7 @@ def test_changed_settings_rejected_without_force(student, tmp_path):
 
 def test_sigterm_keeps_finished_shards(student, uninterrupted, tmp_path):
     process = _cli(student, tmp_path)
-    first_shard = tmp_path / "analysis" / "shards" / "shard-00000.pkl"
-    deadline = time.monotonic() + 120
-    while not first_shard.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    first_shard = _signal_after_first_shard(process, tmp_path, signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
 
     if process.returncode != 0:  # the run may finish before the signal arrives
