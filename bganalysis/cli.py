@@ -18,13 +18,20 @@ from bganalysis.errors import UserError
 COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student", "bench", "generate"]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="bganalysis",
         description="Distil students from a teacher and measure exposure bias and Bridge/Garden risk.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
     for name in COMMAND_MODULES:
         importlib.import_module(f"bganalysis.commands.{name}").register(subparsers)
     return parser

@@ -56,6 +56,7 @@ def atomic_write_parquet(path: str | os.PathLike, frame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
@@ -80,6 +81,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for file in tmp.rglob("*"):
+        if file.is_file() and not file.stat().st_mode & 0o044:
+            os.chmod(file, 0o666 & ~_umask())  # some writers (safetensors) create files as 0600
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -114,10 +118,11 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
                 if not line.strip():
                     continue
                 row = _parse_prompt_line(path, number, line)
-                if row["id"] in first_line_of:
+                key = (row["id"], row["sample"])  # `bganalysis generate` writes one row per sample
+                if key in first_line_of:
                     raise UserError(f"{path}:{number}: duplicate id {row['id']!r} (first on line "
-                                    f"{first_line_of[row['id']]}); give every prompt a unique \"id\"")
-                first_line_of[row["id"]] = number
+                                    f"{first_line_of[key]}); give every prompt a unique \"id\"")
+                first_line_of[key] = number
                 rows.append(row)
                 if limit is not None and len(rows) >= limit:
                     break
@@ -144,4 +149,4 @@ def _parse_prompt_line(path: Path, number: int, line: str) -> dict:
     if response is not None and not isinstance(response, str):
         raise UserError(f"{path}:{number}: field \"response\" must be a string, found {type(response).__name__}")
     doc_id = record.get("id", record.get("task_id", f"line{number}"))
-    return {"id": str(doc_id), "prompt": prompt, "response": response}
+    return {"id": str(doc_id), "prompt": prompt, "response": response, "sample": record.get("sample")}

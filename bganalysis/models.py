@@ -249,6 +249,9 @@ def _model_source(path: str, what: str) -> Path | str:
         raise UserError(f"{what} {path} is a file; pass the model folder that contains config.json")
     if local.is_dir():
         return local
+    looks_local = path.startswith((".", "/", "~")) or (local.parent != Path(".") and local.parent.is_dir())
+    if looks_local:
+        raise UserError(f"{what} not found: no such folder {path}; check the path")
     if _HUB_ID.fullmatch(path) and not path.endswith(".gguf"):
         return path
     raise UserError(f"{what} not found: {path} does not exist; pass a saved model folder or a hub id")

@@ -1,4 +1,4 @@
-"""What produced a result: package versions, the project's git commit, the platform."""
+"""Provenance of a result: package versions, the project's git commit, the platform."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def git_commit() -> str | None:
-    """The commit of the bganalysis source tree, with `-dirty` when it has local changes; None outside git."""
+    """Return the commit of the bganalysis source tree, with `-dirty` for local changes; None outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -29,7 +29,7 @@ def _separated(a: list, b: list) -> bool:
 
 
 def lowest_statement(students: dict, key: str, label: str) -> str:
-    """One sentence naming the student with the lowest `key` and whether it is clearly lowest."""
+    """Return one sentence naming the student with the lowest `key`, and whether it is clearly lowest."""
     ranked = sorted((entry[key], name) for name, entry in students.items() if entry.get(key) is not None)
     if not ranked:
         return f"- {label}: not measured (no positions in this region)."
@@ -70,14 +70,14 @@ def soft_delta(a: dict, b: dict, key: str) -> str:
 def kappa_lines(summary: dict) -> list[str]:
     kappa = summary["kappa"]
     settings = summary["settings"]
-    lines = [f"kappa: Monte-Carlo, student-aware (student **{summary['kappa_student']}**), K = {settings['kappa_k']} "
+    lines = [f"κ: Monte-Carlo, student-aware (student **{summary['kappa_student']}**), K = {settings['kappa_k']} "
              f"teacher top tokens, R = {settings['kappa_rollouts']} rollouts, H = {settings['kappa_horizon']} states; "
              f"mean standard error {_fmt(kappa['mean_se'])} nats. Labels: per {summary['labels']['scope']}, top "
              f"{summary['labels']['bridge_fraction']:.0%} by {summary['labels']['ranking']} = Bridge, bottom "
              f"{summary['labels']['garden_fraction']:.0%} = Garden."]
     if "spearman_vs_exact" in kappa:
         lines.append("")
-        lines.append(f"Against the exact kappa of the lab (dynamic programming): Spearman rho = **{_fmt(kappa['spearman_vs_exact'])}**.")
+        lines.append(f"Against the exact κ of the lab (dynamic programming): Spearman ρ = **{_fmt(kappa['spearman_vs_exact'])}**.")
         lines.append("")
         lines.append("| label set | precision vs exact labels | recall vs exact labels | precision vs true roles | recall vs true roles |")
         lines.append("|---|---|---|---|---|")
@@ -87,13 +87,13 @@ def kappa_lines(summary: dict) -> list[str]:
     teacher_only = kappa.get("teacher_only", {})
     if "spearman_vs_exact" in teacher_only:
         lines.append("")
-        lines.append(f"Teacher-only counterfactual kappa (no student): Spearman rho = {_fmt(teacher_only['spearman_vs_exact'])} "
-                     f"against exact kappa, {_fmt(teacher_only['spearman_vs_kappa'])} against the Monte-Carlo estimate.")
+        lines.append(f"Teacher-only counterfactual κ (no student): Spearman ρ = {_fmt(teacher_only['spearman_vs_exact'])} "
+                     f"against exact κ, {_fmt(teacher_only['spearman_vs_kappa'])} against the Monte-Carlo estimate.")
     lines.append("")
-    lines.append("Proxies, oriented as risk (Spearman rho): " + ", ".join(
+    lines.append("Proxies, oriented as risk (Spearman ρ): " + ", ".join(
         f"{name}: {_fmt(entry.get('spearman_vs_exact', entry['spearman_vs_kappa']))}"
         for name, entry in kappa["proxies"].items())
-        + (" against exact kappa." if "spearman_vs_exact" in kappa else " against Monte-Carlo kappa."))
+        + (" against exact κ." if "spearman_vs_exact" in kappa else " against Monte-Carlo κ."))
     return lines
 
 
@@ -116,18 +116,34 @@ def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> P
         lines.append(f"| {name} | {_with_ci(entry['tf_overall'], entry['tf_overall_ci'])} | {_with_ci(entry['ro_overall'], entry['ro_overall_ci'])} | "
                      f"{_with_ci(entry['eb_overall'], entry['eb_overall_ci'])} | {_with_ci(entry['eb_bridge'], entry['eb_bridge_ci'])} | "
                      f"{_with_ci(entry['eb_garden'], entry['eb_garden_ci'])} | {_fmt(entry['tf_bridge'])} | {_fmt(entry['tf_garden'])} |")
+    lines += ["", "TF by region, with 95% intervals:", ""]
+    for name, entry in students.items():
+        lines.append(f"- {name}: Bridge {_with_ci(entry['tf_bridge'], entry['tf_bridge_ci'])}, "
+                     f"Garden {_with_ci(entry['tf_garden'], entry['tf_garden_ci'])}")
     lines += ["", "What this run shows:", ""]
     lines.append(lowest_statement(students, "eb_bridge", "EB on Bridges"))
     lines.append(lowest_statement(students, "eb_garden", "EB on Gardens"))
     lines.append(lowest_statement(students, "eb_overall", "EB overall"))
     lines += tf_versus_eb(students)
-    lines += ["", "## Risk kappa and labels", ""] + kappa_lines(summary)
+    lines += ["", "## Risk κ and labels", ""] + kappa_lines(summary)
+    lines += ["", "How to read these numbers:", "",
+              "- κ(s) sums, over the action set, how much more loss-to-go forcing each token causes than following "
+              "the teacher (nats, summed over H states and K actions), so it is on a larger scale than per-token EB. "
+              "It can be negative, for example with an undertrained student.",
+              "- Positions between the Bridge and Garden fractions stay unlabelled; the overall columns include them, "
+              "so an overall value can lie outside both region values.",
+              "- Bridge and Garden sets of equal size on both sides make precision equal recall against exact-κ labels.",
+              "- The exact κ of the lab uses an idealised student (the teacher on clean prefixes, `docs/lab.md`); "
+              "the teacher-only estimate needs no student, and the Monte-Carlo estimate uses the real one.",
+              "- Hard labels sampled from the teacher (the default) have the same expected gradient as forward KL, "
+              "so on the lab hard and soft students mainly differ in gradient noise; `--hard-target argmax` "
+              "makes the hard labels differ in kind."]
     lines += ["", "## Figures", ""]
     for name, caption in (("training_curves", "loss parts during training"),
                           ("eb_per_step", "EB, TF and RO per decoding step"),
                           ("eb_regions", "EB and TF by region"),
-                          ("kappa_map", "kappa per token with Bridge/Garden marks"),
-                          ("kappa_vs_exact", "Monte-Carlo kappa against exact kappa (lab)")):
+                          ("kappa_map", "κ per token with Bridge/Garden marks"),
+                          ("kappa_vs_exact", "Monte-Carlo κ against exact κ (lab)")):
         if (run_dir / "figures" / f"{name}.png").exists():
             lines.append(f"![{caption}](figures/{name}.png)")
             lines.append("")

@@ -51,18 +51,26 @@ def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFra
         figure = plot_kappa_vs_exact(plt, positions, summary)
         _save(figure, folder, "kappa_vs_exact")
         plt.close(figure)
+    else:
+        for suffix in ("png", "svg"):  # a figure left by an earlier lab analysis in this folder
+            (folder / f"kappa_vs_exact.{suffix}").unlink(missing_ok=True)
+
+
+MIN_DOCUMENTS_PER_STEP = 5
 
 
 def plot_eb_per_step(plt, steps: pd.DataFrame):
+    """TF, RO and EB per step, over steps that at least MIN_DOCUMENTS_PER_STEP teacher responses reach."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model, frame in steps.groupby("model", sort=False):
-        frame = frame[frame.tf_count > 0]
+        frame = frame[frame.tf_count >= min(MIN_DOCUMENTS_PER_STEP, frame.tf_count.max())]
         line, = axes[0].plot(frame.step, frame.eb, label=model)
         axes[0].fill_between(frame.step, frame.eb_low, frame.eb_high, color=line.get_color(), alpha=0.2)
         axes[1].plot(frame.step, frame.tf, color=line.get_color(), label=f"{model} TF")
         axes[1].plot(frame.step, frame.ro, color=line.get_color(), linestyle="--", label=f"{model} RO")
     axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set(xlabel="decoding step t (tokens)", ylabel="EB(t) = RO(t) - TF(t) (nats)", title="Exposure bias per step")
+    axes[0].set(xlabel="decoding step t (tokens)", ylabel="EB(t) = RO(t) - TF(t) (nats)",
+                title=f"Exposure bias per step (steps with >= {MIN_DOCUMENTS_PER_STEP} documents)")
     axes[1].set(xlabel="decoding step t (tokens)", ylabel="loss (nats, forward KL)", title="Teacher-forced (solid) vs own prefixes (dashed)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7, ncol=2)

@@ -41,7 +41,7 @@ def kappa_from_q(q: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
     """kappa, kappa_abs, kappa_spread and Q_bar from Q values.
 
     `q` is [K] or [R, K] (R paired rollouts, sharing random numbers across actions);
-    the result holds one value per leading row.
+    the result has one value per leading row.
     """
     q_bar = (q * weights).sum(axis=-1, keepdims=True)
     deviation = q - q_bar
@@ -97,11 +97,11 @@ def teacher_only_kappa(
 ) -> dict[str, float]:
     """Teacher-only counterfactual kappa at one position: no student, no sampling.
 
-    Each action replaces the observed token, the observed continuation follows
-    (`continuation`, h - 1 tokens), and Q(s, a) is the summed KL from the teacher's
-    original next-token distributions at those h states (`original_logprobs` [h, vocab])
-    to its distributions after the swap: how far the swap moves the teacher's
-    predictions for the next h observed tokens. An EOS action ends the document, so
+    Each action replaces the observed token, and the observed continuation follows
+    (`continuation`, h - 1 tokens). Q(s, a) is the KL from the teacher's original
+    next-token distributions at those h states (`original_logprobs` [h, vocab]) to its
+    distributions after the swap, summed over the h states. It measures how far the swap
+    moves the teacher's predictions for the next h observed tokens. An EOS action ends the document, so
     its Q is 0. Deterministic, so it has no standard error.
     """
     horizon = original_logprobs.shape[0]

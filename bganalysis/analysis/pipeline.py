@@ -80,7 +80,7 @@ class AnalyzeConfig:
             ("num_lab_docs", self.num_lab_docs >= 1, "an integer >= 1"),
             ("heatmap_docs", self.heatmap_docs >= 0, "an integer >= 0"),
             ("bridge_fraction", 0 <= self.bridge_fraction <= 1, "in [0, 1]"),
-            ("garden_fraction", 0 <= self.garden_fraction <= 1 - self.bridge_fraction, "in [0, 1 - bridge_fraction]"),
+            ("garden_fraction", 0 <= self.garden_fraction <= 1, "in [0, 1]"),
             ("label_scope", self.label_scope in ("document", "position"), "one of: document, position"),
             ("label_ranking", self.label_ranking in ("kappa", "kappa_abs", "kappa_spread"), "one of: kappa, kappa_abs, kappa_spread"),
             ("sample_temperature", self.sample_temperature > 0, "> 0"),
@@ -93,6 +93,9 @@ class AnalyzeConfig:
             if not ok:
                 flag = {"num_lab_docs": "lab-docs"}.get(name, name.replace("_", "-"))
                 raise UserError(f"--{flag} {getattr(self, name)!r} is invalid: it must be {rule}")
+        if self.bridge_fraction + self.garden_fraction > 1:
+            raise UserError(f"--bridge-fraction {self.bridge_fraction} plus --garden-fraction {self.garden_fraction} "
+                            "exceeds 1; lower one of them")
         if not self.students:
             raise UserError("no student given; pass at least one --student DIR")
         names = self.student_names or [_default_name(path) for path in self.students]

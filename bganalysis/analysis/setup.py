@@ -45,6 +45,7 @@ def load_setup(config) -> AnalysisSetup:
     from bganalysis.io import read_prompts
     from bganalysis.models import check_tokenizers_match, load_causal_lm, load_tokenizer
 
+    _check_paths_exist(config)
     if config.teacher == LAB_TEACHER:
         teacher_model, tokenizer = lab.LabTeacher(), lab.lab_tokenizer()
     else:
@@ -70,6 +71,19 @@ def load_setup(config) -> AnalysisSetup:
     exact = lab.ExactLossToGo(teacher_model.process) if is_lab else None
     kappa_student = config.kappa_student or config.names[0]
     return AnalysisSetup(teacher, students, kappa_student, tokenizer, eos_ids, rows, exact, vocab_size, teacher_model)
+
+
+def _check_paths_exist(config) -> None:
+    """Fail on a mistyped local path before spending seconds loading models."""
+    from pathlib import Path
+
+    if config.prompts is not None and not Path(config.prompts).is_file():
+        raise UserError(f"prompts file not found: {config.prompts}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
+    for option, path in [("--teacher", config.teacher)] + [("--student", s) for s in config.students]:
+        local = Path(path).expanduser()
+        if path != LAB_TEACHER and not local.exists() and (path.startswith((".", "/", "~")) or
+                                                            (local.parent != Path(".") and local.parent.is_dir())):
+            raise UserError(f"{option} {path}: no such folder; check the path")
 
 
 def _model_vocab(model) -> int:

@@ -37,7 +37,7 @@ def process_rank() -> tuple[int, int]:
 
 
 def fingerprint(settings: dict) -> dict:
-    """The settings that determine per-document results, and their hash."""
+    """Return the settings that determine per-document results, with their hash."""
     relevant = {key: value for key, value in sorted(settings.items()) if key not in AGGREGATION_ONLY}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"hash": digest, "settings": relevant}
@@ -56,7 +56,7 @@ class ShardStore:
                 if not force:
                     changed = sorted(key for key in set(previous["settings"]) | set(self.meta["settings"])
                                      if previous["settings"].get(key) != self.meta["settings"].get(key))
-                    raise UserError(f"{folder} holds results computed with other settings (changed: {', '.join(changed)}); "
+                    raise UserError(f"{folder} contains results computed with other settings (changed: {', '.join(changed)}); "
                                     "pass --force to discard them, or choose another --out")
                 self._discard()
         folder.mkdir(parents=True, exist_ok=True)
