@@ -1,6 +1,6 @@
 """The demo: the whole pipeline on the built-in lab, in a few minutes on a laptop CPU.
 
-It writes the exact lab teacher, trains hard, soft and hybrid students on the same lab
+It writes the exact lab teacher, trains hard, soft, hybrid and argmax-hard students on the same lab
 documents with the same seed and token budget, analyses them on held-out lab prompts,
 and writes `report.md`. `DemoSize` holds the budget; `QUICK` is for tests.
 """
@@ -16,7 +16,14 @@ from bganalysis.io import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-METHODS = ("hard", "soft", "hybrid")
+# Student name -> (method, hard target). Sampled hard labels share forward KL's expected
+# gradient, so the argmax student is the one whose hard labels differ in kind from soft ones.
+STUDENTS = {
+    "hard": ("hard", "sample"),
+    "soft": ("soft", "sample"),
+    "hybrid": ("hybrid", "sample"),
+    "hard_argmax": ("hard", "argmax"),
+}
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,12 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, lam: f
         lab_tokenizer().save_pretrained(folder)
 
     students = []
-    for method in METHODS:
-        config = TrainConfig(method=method, lam=lam if method == "hybrid" else None, teacher="lab", data="lab",
+    for name, (method, hard_target) in STUDENTS.items():
+        config = TrainConfig(method=method, lam=lam if method == "hybrid" else None, hard_target=hard_target,
+                             teacher="lab", data="lab",
                              num_docs=size.train_docs, steps=size.train_steps, batch_size=size.batch_size,
-                             seed=seed, out=str(out), name=method, device="cpu")
-        log.info("training the %s student (%d steps)", method, size.train_steps)
+                             seed=seed, out=str(out), name=name, device="cpu")
+        log.info("training the %s student (%d steps)", name, size.train_steps)
         students.append(str(train(config)))
     train_seconds = time.time() - started
 
@@ -98,7 +106,7 @@ def write_run_config(out: Path, size: DemoSize, seed: int, lam: float) -> None:
         "seed": seed,
         "lam_hybrid": lam,
         "size": asdict(size),
-        "students": {method: f"students/{method}/train_config.yaml" for method in METHODS},
+        "students": {name: f"students/{name}/train_config.yaml" for name in STUDENTS},
         "analysis": "analysis/summary.json (settings)",
         "provenance": provenance(),
     }

@@ -8,8 +8,8 @@ import argparse
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="train hard, soft and hybrid students on the lab, analyse them, write report.md",
-        description="The whole pipeline on the built-in lab: exact teacher, three students, exposure "
+        help="train hard, soft, hybrid and argmax-hard students on the lab, analyse them, write report.md",
+        description="The whole pipeline on the built-in lab: exact teacher, four students, exposure "
                     "bias, kappa checked against exact values, figures and report.md.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
