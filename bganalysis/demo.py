@@ -2,7 +2,7 @@
 
 It writes the exact lab teacher, trains hard, soft, hybrid and argmax-hard students on the same lab
 documents with the same seed and token budget, analyses them on held-out lab prompts,
-and writes `report.md`. `DemoSize` holds the budget; `QUICK` is for tests.
+and writes `report.md`. `DemoSize` is the budget; `QUICK` is for tests.
 """
 
 from __future__ import annotations

@@ -99,6 +99,14 @@ def _umask() -> int:
     return mask
 
 
+def check_prompts_file(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path, or raise UserError when no such file exists."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
+    return path
+
+
 def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
     """Read prompts as a list of `{"id", "prompt", "response"?}` rows.
 
@@ -106,9 +114,7 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[dict
     benchmark files that carry a `prompt` field under another id key (HumanEval's
     `task_id`). Raises UserError naming the file and line for anything malformed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"prompts file not found: {path}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
+    path = check_prompts_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     rows: list[dict] = []
     first_line_of: dict[str, int] = {}

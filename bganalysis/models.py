@@ -249,12 +249,21 @@ def _model_source(path: str, what: str) -> Path | str:
         raise UserError(f"{what} {path} is a file; pass the model folder that contains config.json")
     if local.is_dir():
         return local
-    looks_local = path.startswith((".", "/", "~")) or (local.parent != Path(".") and local.parent.is_dir())
-    if looks_local:
+    if looks_like_local_path(path):
         raise UserError(f"{what} not found: no such folder {path}; check the path")
     if _HUB_ID.fullmatch(path) and not path.endswith(".gguf"):
         return path
     raise UserError(f"{what} not found: {path} does not exist; pass a saved model folder or a hub id")
+
+
+def looks_like_local_path(path: str) -> bool:
+    """Return whether `path` names a local folder rather than a hub id.
+
+    It does when it starts with `.`, `/` or `~`, or when its parent folder exists here, so a
+    mistyped `models/name` is reported as a missing folder, not looked up as a hub id.
+    """
+    parent = Path(path).expanduser().parent
+    return path.startswith((".", "/", "~")) or (parent != Path(".") and parent.is_dir())
 
 
 def _from_pretrained(auto_class, source: Path | str, path: str, what: str, **kwargs):

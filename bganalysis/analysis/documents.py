@@ -33,7 +33,7 @@ class AnalysisDocument:
 
 
 def seed_for(seed: int, doc_index: int, purpose: int) -> int:
-    """A 63-bit seed for one document and purpose, independent of sharding and order."""
+    """Return a 63-bit seed for one document and purpose, independent of sharding and order."""
     return int(np.random.SeedSequence([seed, doc_index, purpose]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 

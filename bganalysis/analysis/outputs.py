@@ -54,11 +54,12 @@ def write_outputs(config, setup, results) -> dict:
         frame.insert(0, "model", name)
         students[name] = _student_summary(arrays, region_masks, weights)
         for window in config.windows:
-            windowed = step_table(step_arrays(results, name, max_steps, window), weights)
+            window_arrays = step_arrays(results, name, max_steps, window)
+            windowed = step_table(window_arrays, weights)
             for column in ("ro", "eb", "eb_low", "eb_high"):
                 metric, _, bound = column.partition("_")
                 frame[f"{metric}_w{window}" + (f"_{bound}" if bound else "")] = windowed[column]
-            window_summary = _student_summary(step_arrays(results, name, max_steps, window), region_masks, weights)
+            window_summary = _student_summary(window_arrays, region_masks, weights)
             for region in ("overall", "bridge", "garden"):
                 students[name][f"eb_w{window}_{region}"] = window_summary[f"eb_{region}"]
                 students[name][f"eb_w{window}_{region}_ci"] = window_summary[f"eb_{region}_ci"]
@@ -91,7 +92,7 @@ def write_outputs(config, setup, results) -> dict:
 
 
 def position_frame(setup, results) -> pd.DataFrame:
-    """One row per (document, response position): token, proxies, kappa, lab truth."""
+    """Build one row per (document, response position): token, proxies, kappa, lab truth."""
     rows = []
     for result in results:
         for row in result.positions:
@@ -102,7 +103,7 @@ def position_frame(setup, results) -> pd.DataFrame:
 
 
 def token_frame(positions: pd.DataFrame, results, setup) -> pd.DataFrame:
-    """One row per (document, position, model) with that model's TF and RO losses."""
+    """Build one row per (document, position, model) with that model's TF and RO losses."""
     frames = []
     for name in setup.students:
         tf, ro = [], []

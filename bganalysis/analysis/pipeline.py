@@ -218,7 +218,7 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
                    doc_teacher_logprobs: torch.Tensor) -> dict:
     """Proxies and every kappa estimate at response position t (exact kappa on the lab).
 
-    `doc_teacher_logprobs` [L, vocab] holds the teacher's distribution before each response token.
+    `doc_teacher_logprobs` [L, vocab] is the teacher's distribution before each response token.
     """
     teacher_logprobs = doc_teacher_logprobs[t]
     observed = doc.response_ids[t] if config.kappa_include_observed else None

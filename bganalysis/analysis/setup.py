@@ -77,12 +77,13 @@ def _check_paths_exist(config) -> None:
     """Fail on a mistyped local path before spending seconds loading models."""
     from pathlib import Path
 
-    if config.prompts is not None and not Path(config.prompts).is_file():
-        raise UserError(f"prompts file not found: {config.prompts}; pass a JSONL file with one {{\"prompt\": ...}} object a line")
+    from bganalysis.io import check_prompts_file
+    from bganalysis.models import looks_like_local_path
+
+    if config.prompts is not None:
+        check_prompts_file(config.prompts)
     for option, path in [("--teacher", config.teacher)] + [("--student", s) for s in config.students]:
-        local = Path(path).expanduser()
-        if path != LAB_TEACHER and not local.exists() and (path.startswith((".", "/", "~")) or
-                                                            (local.parent != Path(".") and local.parent.is_dir())):
+        if path != LAB_TEACHER and not Path(path).expanduser().exists() and looks_like_local_path(path):
             raise UserError(f"{option} {path}: no such folder; check the path")
 
 

@@ -39,7 +39,7 @@ class LabDocument:
 
     `prompt_ids` starts with `<bos>` and ends with `:`; `response_ids` ends with `<eos>`
     (unless the document hit the length cap). `roles[i]` is the true role of
-    `response_ids[i]` ("bridge" or "garden"); `corrupt` says whether the teacher made a
+    `response_ids[i]` ("bridge" or "garden"); `corrupt` records whether the teacher made a
     mistake (its floor) somewhere in the document.
     """
 

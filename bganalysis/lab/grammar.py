@@ -45,7 +45,7 @@ EOS = "<eos>"
 
 
 class State(NamedTuple):
-    """Where a document is: the task, the grammar slot, the slot's data, and corruption.
+    """Position of a document in its process: the task, the grammar slot, the slot's data, and corruption.
 
     `data` is a tuple whose meaning depends on the task (see `_calc_*` and `_prog_*`).
     """
@@ -92,7 +92,7 @@ def true_role(state: State) -> str:
 
 
 def in_response(state: State) -> bool:
-    """Whether the next word belongs to the response (the part after `:`)."""
+    """Return whether the next word belongs to the response (the part after `:`)."""
     return true_role(state) != "prompt"
 
 

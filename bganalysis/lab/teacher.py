@@ -63,7 +63,7 @@ class LabTeacher(PreTrainedModel, GenerationMixin):
         Left or right padding is read from `attention_mask`. Left padding gets the
         distribution after `<bos>`, right padding repeats the one after the last real
         token. With `logits_to_keep=k > 0` only the last k positions are returned (the
-        rollout engine asks for 1).
+        rollout engine requests 1).
         """
         batch, length = input_ids.shape
         keep = length if not logits_to_keep else min(int(logits_to_keep), length)
