@@ -1,7 +1,7 @@
 """Command-line entry point: `bganalysis <command> ...`.
 
 Each command lives in `bganalysis/commands/<name>.py` with a `register(subparsers)`
-function that adds its parser and sets `func`. Heavy imports (torch, transformers) happen
+function that adds its parser and sets `func`; every module there is a command. Heavy imports (torch, transformers) happen
 inside the commands, so `bganalysis --help` stays fast.
 """
 
@@ -10,12 +10,19 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import pkgutil
 import signal
 import sys
 
 from bganalysis.errors import UserError
 
-COMMAND_MODULES = ["train", "analyze", "demo", "import_gguf", "derive_student", "bench", "generate"]
+
+
+def command_modules() -> list[str]:
+    """The names of the modules in `bganalysis.commands`, sorted, so `--help` lists them alphabetically."""
+    import bganalysis.commands
+
+    return sorted(info.name for info in pkgutil.iter_modules(bganalysis.commands.__path__))
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -32,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineErrorParser)
-    for name in COMMAND_MODULES:
+    for name in command_modules():
         importlib.import_module(f"bganalysis.commands.{name}").register(subparsers)
     return parser
 

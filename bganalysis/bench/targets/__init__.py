@@ -1,0 +1,1 @@
+"""Command-line parsers of the bench targets, one light module per target (no torch import)."""
