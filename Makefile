@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export THP_MEM_ALLOC_ENABLE ?= 1
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,7 +31,11 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/bganalysis demo --out runs/demo
 
-test: install
+# The explorer's browser test drives Debian's Chromium through Playwright (no browser download).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: install browser
 	$(PY) -m pytest -q
 
 clean:
