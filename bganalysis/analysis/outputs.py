@@ -86,6 +86,7 @@ def write_outputs(config, setup, results) -> dict:
     atomic_write_parquet(out / "analysis" / "tokens.parquet", tokens)
     atomic_write_parquet(out / "analysis" / "steps.parquet", steps)
     atomic_write_json(out / "analysis" / "summary.json", _clean(summary))
+    write_detail_tables(out / "analysis", results, setup.tokenizer)
     figures.write_analysis_figures(out / "figures", tokens, steps, summary, config.heatmap_docs)
     log.info("wrote %s", out / "analysis")
     return summary
@@ -99,7 +100,27 @@ def position_frame(setup, results) -> pd.DataFrame:
             rows.append({"doc_id": result.doc.doc_id, **row})
     frame = pd.DataFrame(rows)
     frame["token"] = [setup.tokenizer.decode([token_id]) for token_id in frame["token_id"]]
+    if "action_ids" in frame:
+        frame["action_tokens"] = [[setup.tokenizer.decode([i]) for i in ids] for ids in frame["action_ids"]]
     return frame
+
+
+def write_detail_tables(folder: Path, results, tokenizer) -> None:
+    """next_tokens.parquet and continuations.parquet for the explorer (analysis/details.py).
+
+    Results from shards saved before these were kept give no table; a stale one is removed.
+    """
+    from bganalysis.analysis.details import continuation_frame, next_token_frame
+
+    def decode(token_id):
+        return tokenizer.decode([int(token_id)])
+
+    for name, frame in (("next_tokens", next_token_frame(results, decode)),
+                        ("continuations", continuation_frame(results, decode))):
+        if frame is None:
+            (folder / f"{name}.parquet").unlink(missing_ok=True)
+        else:
+            atomic_write_parquet(folder / f"{name}.parquet", frame)
 
 
 def token_frame(positions: pd.DataFrame, results, setup) -> pd.DataFrame:

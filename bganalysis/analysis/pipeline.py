@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, generator_for
+from bganalysis.analysis.details import first_continuation, top_next_tokens
 from bganalysis.analysis.kappa import (action_weights, kappa_from_q, monte_carlo_kappa, select_actions,
                                       teacher_only_kappa, teacher_proxies)
 from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
@@ -129,6 +130,9 @@ class DocumentResult:
     tf: dict[str, np.ndarray]  # student -> [L] teacher-forced loss
     ro: dict[str, np.ndarray]  # student -> [R, M] loss on own continuations (NaN where not alive)
     windowed: dict[str, dict[int, np.ndarray]] = field(default_factory=dict)  # student -> W -> [R, L]
+    # For the explorer (analysis/details.py); None in shards saved before they were kept.
+    next_tokens: dict | None = None  # {"teacher": (ids, probs), "students": {name: (ids, probs)}}, each [L, K]
+    continuations: dict | None = None  # student -> token ids of its first own continuation
 
 
 def run_analysis(config: AnalyzeConfig) -> dict:
@@ -171,22 +175,25 @@ def analyse_document(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocu
     states = slice(prompt_length - 1, prompt_length - 1 + length)
 
     teacher_logprobs = setup.teacher.encode_document(ids)[states]
-    tf = {}
+    tf, next_tokens = {}, {"teacher": top_next_tokens(teacher_logprobs), "students": {}}
     for name, runner in setup.students.items():
         student_logprobs = runner.encode_document(ids)[states]
         tf[name] = kl_from_logprobs(teacher_logprobs, student_logprobs).double().numpy()
+        next_tokens["students"][name] = top_next_tokens(student_logprobs)
 
     positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs) for t in range(length)]
 
-    ro = {}
+    ro, continuations = {}, {}
     uniforms = torch.rand(config.ro_samples, config.max_new_tokens,
                           generator=generator_for(config.seed, index, docs_module.PURPOSE_ROLLOUT))
     for name, runner in setup.students.items():
-        ro[name] = own_continuation_losses(setup, runner, prompt_length, uniforms, config.sample_temperature)
+        ro[name], continuations[name] = own_continuation_losses(setup, runner, prompt_length, uniforms,
+                                                                config.sample_temperature)
 
     windowed = {name: {w: windowed_losses(config, setup, runner, index, doc, w) for w in config.windows}
                 for name, runner in setup.students.items()}
-    return DocumentResult(doc=doc, positions=positions, tf=tf, ro=ro, windowed=windowed)
+    return DocumentResult(doc=doc, positions=positions, tf=tf, ro=ro, windowed=windowed,
+                          next_tokens=next_tokens, continuations=continuations)
 
 
 def windowed_losses(config: AnalyzeConfig, setup, runner: ModelRunner, index: int, doc: AnalysisDocument,
@@ -233,6 +240,7 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
         actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids,
     )
     row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
+    row.update({"action_ids": estimate["actions"], "action_q": estimate["q"]})  # loss-to-go per forced action
 
     horizon = min(config.kappa_horizon, len(doc.response_ids) - 1 - t)
     counterfactual = teacher_only_kappa(
@@ -244,21 +252,23 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
     if setup.exact is not None:
         q = setup.exact.q_values(doc.states[t], actions.tolist(), config.kappa_horizon)
         exact = kappa_from_q(q, weights)
+        row["exact_action_q"] = [float(value) for value in q]
         row.update({"exact_kappa": float(exact["kappa"]), "exact_kappa_abs": float(exact["kappa_abs"]),
                     "exact_kappa_spread": float(exact["kappa_spread"]), "true_role": doc.roles[t]})
     return row
 
 
 def own_continuation_losses(setup, runner: ModelRunner, prompt_length: int, uniforms: torch.Tensor,
-                            temperature: float) -> np.ndarray:
-    """Per-step loss of the student on the continuations it writes itself, [R, M], NaN when ended."""
+                            temperature: float) -> tuple[np.ndarray, list[int]]:
+    """Per-step loss of the student on the continuations it writes itself, [R, M], NaN when ended,
+    and the token ids of the first continuation (up to its EOS), which the explorer shows."""
     tokens, alive, student_logprobs = sample_continuation(runner, prompt_length, uniforms, setup.eos_ids, temperature)
     rows = setup.teacher.rows_from_prefix(prompt_length, tokens.shape[0])
     teacher_logprobs = setup.teacher.extend(rows, tokens, keep=tokens.shape[1] + 1)[:, :-1]
     losses = kl_from_logprobs(teacher_logprobs, student_logprobs).double()
     result = np.full((tokens.shape[0], uniforms.shape[1]), math.nan)
     result[:, : tokens.shape[1]] = torch.where(alive, losses, torch.full_like(losses, math.nan)).numpy()
-    return result
+    return result, first_continuation(tokens, alive)
 
 
 def step_arrays(results: list[DocumentResult], name: str, max_steps: int, window: int | None = None) -> StepArrays:
