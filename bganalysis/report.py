@@ -143,7 +143,14 @@ def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> P
                           ("eb_per_step", "EB, TF and RO per decoding step"),
                           ("eb_regions", "EB and TF by region"),
                           ("kappa_map", "κ per token with Bridge/Garden marks"),
-                          ("kappa_vs_exact", "Monte-Carlo κ against exact κ (lab)")):
+                          ("kappa_vs_exact", "Monte-Carlo κ against exact κ (lab)"),
+                          *((path.stem, f"windowed EB, W = {path.stem.rpartition('_w')[2]}")
+                            for path in sorted((run_dir / "figures").glob("eb_per_step_w*.png"))),
+                          ("eb_region_steps", "EB per step on Bridge and Garden positions"),
+                          ("kappa_vs_proxies", "κ against each teacher proxy, with Spearman ρ"),
+                          ("kappa_by_region", "κ distribution per region"),
+                          ("estimator_agreement", "rank agreement of the κ estimators and proxies"),
+                          ("benchmark_decomposition", "benchmark deltas next to Bridge and Garden EB")):
         if (run_dir / "figures" / f"{name}.png").exists():
             lines.append(f"![{caption}](figures/{name}.png)")
             lines.append("")

@@ -8,48 +8,27 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bganalysis.plots.style import REGION_COLOURS, method_colour, pyplot, save
+
 log = logging.getLogger(__name__)
-
-REGION_COLOURS = {"bridge": "#c0392b", "garden": "#27ae60", "": "#7f8c8d"}
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid", context="notebook")
-    return plt
-
-
-def _save(figure, folder: Path, name: str) -> None:
-    from bganalysis.io import atomic_write_bytes
-    import io
-
-    for suffix in ("png", "svg"):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format=suffix, dpi=130, bbox_inches="tight")
-        atomic_write_bytes(folder / f"{name}.{suffix}", buffer.getvalue())
 
 
 def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFrame, summary: dict, heatmap_docs: int) -> None:
     """Write eb_per_step, eb_regions, kappa_map (and kappa_vs_exact on the lab) as PNG and SVG."""
-    plt = _pyplot()
+    plt = pyplot()
     folder.mkdir(parents=True, exist_ok=True)
     for name, draw in (("eb_per_step", plot_eb_per_step), ("eb_regions", plot_eb_regions)):
         figure = draw(plt, steps if name == "eb_per_step" else summary)
-        _save(figure, folder, name)
+        save(figure, folder, name)
         plt.close(figure)
     first_model = tokens.model.iloc[0]
     positions = tokens[tokens.model == first_model]
     figure = plot_kappa_map(plt, positions, heatmap_docs)
-    _save(figure, folder, "kappa_map")
+    save(figure, folder, "kappa_map")
     plt.close(figure)
     if "exact_kappa" in positions:
         figure = plot_kappa_vs_exact(plt, positions, summary)
-        _save(figure, folder, "kappa_vs_exact")
+        save(figure, folder, "kappa_vs_exact")
         plt.close(figure)
     else:
         for suffix in ("png", "svg"):  # a figure left by an earlier lab analysis in this folder
@@ -59,19 +38,25 @@ def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFra
 MIN_DOCUMENTS_PER_STEP = 5
 
 
-def plot_eb_per_step(plt, steps: pd.DataFrame):
-    """TF, RO and EB per step, over steps that at least MIN_DOCUMENTS_PER_STEP teacher responses reach."""
+def plot_eb_per_step(plt, steps: pd.DataFrame, window: int | None = None):
+    """TF, RO and EB per step, over steps that at least MIN_DOCUMENTS_PER_STEP teacher responses reach.
+
+    With `window`, RO and EB are the windowed variants (the student wrote only the last W tokens).
+    """
+    suffix = f"_w{window}" if window else ""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for model, frame in steps.groupby("model", sort=False):
         frame = frame[frame.tf_count >= min(MIN_DOCUMENTS_PER_STEP, frame.tf_count.max())]
-        line, = axes[0].plot(frame.step, frame.eb, label=model)
-        axes[0].fill_between(frame.step, frame.eb_low, frame.eb_high, color=line.get_color(), alpha=0.2)
-        axes[1].plot(frame.step, frame.tf, color=line.get_color(), label=f"{model} TF")
-        axes[1].plot(frame.step, frame.ro, color=line.get_color(), linestyle="--", label=f"{model} RO")
+        colour = method_colour(model)
+        axes[0].plot(frame.step, frame[f"eb{suffix}"], color=colour, label=model)
+        axes[0].fill_between(frame.step, frame[f"eb{suffix}_low"], frame[f"eb{suffix}_high"], color=colour, alpha=0.2)
+        axes[1].plot(frame.step, frame.tf, color=colour, label=f"{model} TF")
+        axes[1].plot(frame.step, frame[f"ro{suffix}"], color=colour, linestyle="--", label=f"{model} RO")
     axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set(xlabel="decoding step t (tokens)", ylabel="EB(t) = RO(t) - TF(t) (nats)",
-                title=f"Exposure bias per step (steps with >= {MIN_DOCUMENTS_PER_STEP} documents)")
-    axes[1].set(xlabel="decoding step t (tokens)", ylabel="loss (nats, forward KL)", title="Teacher-forced (solid) vs own prefixes (dashed)")
+    name = f"EB_{window}(t)" if window else "EB(t)"
+    axes[0].set(xlabel="decoding step t (tokens)", ylabel=f"{name} = RO - TF (nats/token, 95% CI)",
+                title=f"Exposure bias per step{f', window W = {window}' if window else ''} (steps with >= {MIN_DOCUMENTS_PER_STEP} documents)")
+    axes[1].set(xlabel="decoding step t (tokens)", ylabel="forward KL loss (nats/token)", title="Teacher-forced (solid) vs own prefixes (dashed)")
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=7, ncol=2)
     figure.tight_layout()
@@ -91,7 +76,7 @@ def plot_eb_regions(plt, summary: dict):
             low = [v - (c[0] if c[0] is not None else v) for v, c in zip(values, intervals)]
             high = [(c[1] if c[1] is not None else v) - v for v, c in zip(values, intervals)]
             x = np.arange(len(regions)) + index * width
-            axis.bar(x, values, width, yerr=[low, high], capsize=3, label=name)
+            axis.bar(x, values, width, yerr=[low, high], capsize=3, label=name, color=method_colour(name))
     for axis, title in zip(axes, ("Exposure bias by region", "Teacher-forced loss by region")):
         axis.set_xticks(np.arange(len(regions)) + width * (len(students) - 1) / 2, regions)
         axis.set(title=title, ylabel="nats per token (95% bootstrap CI)")
@@ -163,20 +148,21 @@ def write_training_curves(folder: Path, students_dir: Path) -> bool:
     logs = sorted(students_dir.glob("*/train_log.jsonl"))
     if not logs:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for path in logs:
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         steps = [r["step"] for r in records]
-        line, = axes[0].plot(steps, [r["hard"] for r in records], label=path.parent.name)
+        colour = method_colour(path.parent.name)
+        axes[0].plot(steps, [r["hard"] for r in records], color=colour, label=path.parent.name)
         soft = [r["soft"] if r["soft"] is not None else np.nan for r in records]
-        axes[1].plot(steps, soft, color=line.get_color(), label=path.parent.name)
+        axes[1].plot(steps, soft, color=colour, label=path.parent.name)
     axes[0].set(xlabel="optimiser step", ylabel="cross-entropy on teacher tokens (nats)", title="Hard loss part")
     axes[1].set(xlabel="optimiser step", ylabel="forward KL to the teacher (nats)", title="Soft loss part (not computed for hard-only)")
     for axis in axes:
         axis.set_yscale("log")
         axis.legend(fontsize=8)
     figure.tight_layout()
-    _save(figure, folder, "training_curves")
+    save(figure, folder, "training_curves")
     plt.close(figure)
     return True

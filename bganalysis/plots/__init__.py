@@ -1,0 +1,1 @@
+"""Figures shared by `bganalysis plot`, report.md and the explorer, in one style."""
