@@ -1,0 +1,1 @@
+"""One module per explorer page, each with `render(run, run_names)`."""

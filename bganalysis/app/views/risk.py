@@ -1,0 +1,30 @@
+"""Risk page: kappa against each proxy with Spearman rho, kappa per region, estimator agreement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+from bganalysis.app import data
+from bganalysis.app.views.figures import show
+from bganalysis.plots import risk
+
+
+def render(run: Path, names: list[str]) -> None:
+    try:
+        tokens = data.analysis_table(run, "tokens")
+        summary = data.summary(run)
+    except data.Missing as error:
+        data.show_missing(error)
+        return
+    positions = risk.positions_of(tokens)
+    stamp = (str(run), data.stamp(run / "analysis" / "tokens.parquet"))
+    st.subheader("kappa against each proxy")
+    show(("proxies", *stamp), lambda plt: risk.plot_kappa_vs_proxies(plt, positions))
+    st.subheader("kappa per region")
+    show(("regions", *stamp), lambda plt: risk.plot_kappa_by_region(plt, positions))
+    st.subheader("Estimator agreement (Spearman rho)")
+    st.dataframe(risk.agreement_table(summary), hide_index=True)
+    st.caption(f"kappa: Monte-Carlo, student-aware, with student {summary.get('kappa_student')}; "
+               f"{len(positions)} positions. Proxies are oriented so that larger means riskier.")
