@@ -9,8 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
+from bganalysis.analysis.agreement import PROXY_RISK_SCORES, estimator_agreement
+from bganalysis.analysis.agreement import spearman as _spearman
 from bganalysis.analysis.labels import label_frame, set_agreement
 from bganalysis.analysis.statistics import bootstrap_weights, region_summary, step_table
 from bganalysis.io import atomic_write_json, atomic_write_parquet
@@ -18,10 +19,6 @@ from bganalysis.provenance import provenance
 
 log = logging.getLogger(__name__)
 
-# Proxies oriented so that a larger value means more risk: a confident teacher (high p_max,
-# wide margin, low entropy) marks a position with one right token, as at lab Bridges. On real
-# text the sign of the correlation with kappa can come out negative; summary.json stores it.
-PROXY_RISK_SCORES = {"teacher_pmax": 1.0, "teacher_margin": 1.0, "teacher_entropy": -1.0}
 
 
 def write_outputs(config, setup, results) -> dict:
@@ -78,6 +75,8 @@ def write_outputs(config, setup, results) -> dict:
                    "thresholds": thresholds},
         "students": students,
         "kappa": _kappa_summary(positions, has_exact),
+        "agreement": estimator_agreement(positions, config.label_ranking, config.bridge_fraction,
+                                         config.garden_fraction, config.label_scope),
     }
     if has_exact:
         summary["kappa_spearman_vs_exact"] = summary["kappa"]["spearman_vs_exact"]
@@ -171,12 +170,6 @@ def _student_summary(arrays, region_masks, weights) -> dict:
         summary[f"ro_{key}_ci"] = values["ro_ci"]
         summary[f"tokens_{key}"] = {"tf": values["tf_tokens"], "ro": values["ro_tokens"]}
     return summary
-
-
-def _spearman(a: pd.Series, b: pd.Series) -> float:
-    if len(a) < 3 or a.nunique() < 2 or b.nunique() < 2:
-        return math.nan
-    return float(spearmanr(a, b).statistic)
 
 
 def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
