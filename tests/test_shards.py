@@ -2,6 +2,7 @@
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,11 +93,14 @@ def test_sigkill_then_rerun_matches_uninterrupted(student, uninterrupted, tmp_pa
     process.communicate(timeout=60)
     assert first_shard.exists()
     assert not (tmp_path / "analysis" / "tokens.parquet").exists()
+    finished = {path.name: path.stat().st_mtime_ns for path in first_shard.parent.glob("shard-*.pkl")}
 
     rerun = _cli(student, tmp_path)
     _, stderr = rerun.communicate(timeout=300)
 
     assert rerun.returncode == 0, stderr
+    assert f"{4 - len(finished)} to compute" in stderr
+    assert {name: (first_shard.parent / name).stat().st_mtime_ns for name in finished} == finished
     _assert_same_tables(tmp_path, uninterrupted)
 
 
@@ -106,6 +110,29 @@ def test_two_ranks_match_one_process(student, uninterrupted, tmp_path):
     outputs = [process.communicate(timeout=300) for process in ranks]
 
     assert [process.returncode for process in ranks] == [0, 0], outputs
+    _assert_same_tables(tmp_path, uninterrupted)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_matches_one_process(student, uninterrupted, tmp_path):
+    # On a machine without GPUs, `accelerate launch --num_processes 2` alone starts one process;
+    # `--multi_gpu` makes it start two through torch.distributed.run, which sets RANK and WORLD_SIZE.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(_free_port()),
+               "-m", "bganalysis", "analyze", "--student", student, "--out", str(tmp_path), *CLI_OPTIONS]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BGANALYSIS_SHARD_WAIT_S": "300"}
+    process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    assert process.returncode == 0, process.stderr
+    assert "in process 0 of 2" in process.stderr
+    assert "in process 1 of 2" in process.stderr
     _assert_same_tables(tmp_path, uninterrupted)
 
 
