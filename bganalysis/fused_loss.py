@@ -113,9 +113,9 @@ class _FusedHybrid(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_soft, grad_hard, grad_total):
         grad_hidden, grad_weight = ctx.grads
         ctx.grads = None
-        if grad_hidden is not None:
-            grad_hidden = (grad_hidden * grad_loss).to(ctx.dtypes[0])
-            grad_weight = (grad_weight * grad_loss).to(ctx.dtypes[1])
+        if grad_hidden is not None:  # scaled in place: a copy of the weight's gradient would add to the peak
+            grad_hidden = grad_hidden.mul_(grad_loss).to(ctx.dtypes[0])
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.dtypes[1])
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
