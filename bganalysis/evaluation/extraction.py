@@ -23,10 +23,10 @@ from __future__ import annotations
 import math
 import re
 
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?\s*(.*)", re.IGNORECASE)
-_CHOICE = re.compile(r"^(?:option\s+|choice\s+)?\(?([A-Ra-r])\)?(?:[.:)]|\s|$)")
+_ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
+_CHOICE = re.compile(r"^(?:option\s+|choice\s+)?\(?([A-Ra-r])\)?(?:[.:),]|\s|$)")
 _NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
-_LEADING_NUMBER = re.compile(rf"^({_NUMBER})(?:\s*(?:\*|x|×|\\times)\s*10\s*\^\s*\{{?\(?([-+]?\d+)\)?\}}?)?(?=\s|%|$|[^\w.])")
+_LEADING_NUMBER = re.compile(rf"^({_NUMBER})(?:\s*(?:\*|x|×|\\times)\s*10\s*\^\s*\{{?\(?([-+]?\d+)\)?\}}?)?(?=\s|%|$|[,;:!?)\]])")
 _ANY_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|[-+]?\.\d+")
 _TRAILING = ".,;:!?。 \t"
 THEOREMQA_RELATIVE_TOLERANCE = 0.04
@@ -34,15 +34,11 @@ THEOREMQA_RELATIVE_TOLERANCE = 0.04
 
 def extract_answer(text: str, fallback_last_number: bool = False) -> str:
     """Return the normalised short answer in `text`, or "" when none is found."""
-    matches = list(_ANSWER_IS.finditer(text))
-    if matches:
-        span = matches[-1].group(1).split("\n")[0]
-    elif fallback_last_number:
+    span = _after_last_answer_is(text)
+    if span is None and fallback_last_number:
         numbers = _ANY_NUMBER.findall(text)
-        span = numbers[-1] if numbers else ""
-    else:
-        return ""
-    return normalise_answer(span)
+        span = numbers[-1] if numbers else None
+    return "" if span is None else normalise_answer(span)
 
 
 def normalise_answer(span: str) -> str:
@@ -58,7 +54,7 @@ def normalise_answer(span: str) -> str:
         value = number.group(1).replace(",", "")
         if number.group(2) is not None:
             value = f"{value}e{number.group(2)}"
-        return value
+        return value + "%" if span[number.end():].lstrip().startswith("%") else value
     return re.sub(r"\s+", " ", span)
 
 
@@ -99,17 +95,22 @@ def theoremqa_correct(prediction: str, answer, answer_type: str) -> bool:
 
 def theoremqa_prediction(text: str, answer_type: str) -> str:
     """Extract the answer of a TheoremQA generation, keeping lists whole."""
-    matches = list(_ANSWER_IS.finditer(text))
-    if answer_type.startswith("list") and matches:
-        span = matches[-1].group(1).split("\n")[0]
+    span = _after_last_answer_is(text)
+    if answer_type.startswith("list") and span is not None:
         bracket = re.search(r"\[[^\]]*\]", span)
         if bracket:
             return bracket.group(0)
-    if answer_type == "bool" and matches:
-        word = re.match(r"\W*(true|false|yes|no)\b", matches[-1].group(1), re.IGNORECASE)
+    if answer_type == "bool" and span is not None:
+        word = re.match(r"\W*(true|false|yes|no)\b", span, re.IGNORECASE)
         if word:
             return word.group(1)
     return extract_answer(text, fallback_last_number=True)
+
+
+def _after_last_answer_is(text: str) -> str | None:
+    """The rest of the line after the last "answer is" / "answer:", or None."""
+    matches = list(_ANSWER_IS.finditer(text))
+    return text[matches[-1].end():].split("\n")[0] if matches else None
 
 
 def _within(value: float, reference: float) -> bool:
