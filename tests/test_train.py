@@ -13,7 +13,10 @@ import yaml
 
 from bganalysis.commands import train as train_command
 from bganalysis.errors import UserError
-from bganalysis.train import TrainConfig, _lr_factor, _micro_step, train
+from bganalysis.losses import masked_mean
+from bganalysis.train import TrainConfig, _lr_factor, train
+from bganalysis.train_loss import SoftWeights
+from bganalysis.trainer import micro_batch_parts
 from bganalysis.train_data import Example, collate, jsonl_examples, truncate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -253,15 +256,16 @@ def test_micro_batches_match_full_batch(teacher_dir, data_file, tmp_path):
     from bganalysis.train import _load_student, _load_teacher
 
     config = _small_config(tmp_path, teacher=str(teacher_dir), data=str(data_file), loss_temperature=2.0)
-    tokenizer, teacher = _load_teacher(config, torch.device("cpu"))
-    student = _load_student(config, tokenizer, torch.device("cpu"))
+    tokenizer, teacher, _ = _load_teacher(config)
+    student = _load_student(config, tokenizer, teacher)
     examples = jsonl_examples(str(data_file), tokenizer, max_len=64, chat_template=True)
     step_valid_tokens = int((collate(examples, 0)["targets"] != -100).sum())
 
     def gradients(micro_batches):
         student.zero_grad()
         for part in micro_batches:
-            _micro_step(config, teacher, student, collate(part, 0), step_valid_tokens, len(tokenizer))
+            parts, valid, _ = micro_batch_parts(config, teacher, student, collate(part, 0), SoftWeights(config), 1, len(tokenizer))
+            masked_mean(parts["total"], valid, step_valid_tokens).backward()
         return [p.grad.clone() for p in student.parameters()]
 
     full = gradients([examples])

@@ -13,7 +13,7 @@ from bganalysis.errors import UserError
 from bganalysis.lab import LabTeacher, lab_tokenizer, sample_documents
 from bganalysis.losses import align_vocab, hybrid_token_losses
 from bganalysis.region_map import RegionMap
-from bganalysis.train import TrainConfig, train
+from bganalysis.train import TrainConfig, make_trainer, train
 from bganalysis.train_data import collate, lab_examples, step_batches
 from bganalysis.train_loss import divergence_token_losses, proxy_risk_quantiles
 
@@ -37,13 +37,12 @@ def _log(folder: Path) -> list[dict]:
 
 def _first_batch(config: TrainConfig):
     """Return the first micro-batch the trainer sees, with the lab teacher's aligned logits."""
-    tokenizer = lab_tokenizer()
-    examples = lab_examples(config.num_docs, config.seed, config.max_len)
-    batch = collate(next(step_batches(examples, config.batch_size, config.grad_accum, config.seed))[0], tokenizer.pad_token_id)
+    trainer, _ = make_trainer(config, Path(config.out) / "first_batch")
+    batch = next(iter(trainer.get_train_dataloader()))
     targets = batch.pop("targets")
     with torch.no_grad():
         logits = LabTeacher()(**batch, use_cache=False).logits
-    teacher_logits, _ = align_vocab(logits, logits, len(tokenizer))
+    teacher_logits, _ = align_vocab(logits, logits, len(lab_tokenizer()))
     return teacher_logits.float(), targets
 
 
