@@ -9,7 +9,7 @@ from bganalysis.analysis.details import continuation_frame, first_difference, ne
 from bganalysis.analysis.kappa import kappa_from_q
 from bganalysis.demo import DemoSize, run_demo
 
-TINY = DemoSize(train_steps=3, train_docs=16, batch_size=4, analysis_docs=3, ro_samples=1,
+TINY = DemoSize(train_steps=5, train_docs=16, batch_size=4, analysis_docs=3, ro_samples=1,
                 kappa_k=3, kappa_rollouts=2, kappa_horizon=2, bootstrap=20)
 
 

@@ -141,28 +141,42 @@ def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict):
     return figure
 
 
-def write_training_curves(folder: Path, students_dir: Path) -> bool:
-    """Plot the soft and hard loss parts of every student's train_log.jsonl; False if none exist."""
+def read_training_logs(students_dir: Path) -> dict[str, list[dict]]:
+    """Every student's train_log.jsonl records, by student folder name; empty when none exist."""
     import json
 
-    logs = sorted(students_dir.glob("*/train_log.jsonl"))
-    if not logs:
-        return False
-    plt = pyplot()
+    logs = {}
+    for path in sorted(students_dir.glob("*/train_log.jsonl")):
+        logs[path.parent.name] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return logs
+
+
+def plot_training_curves(plt, logs: dict[str, list[dict]]):
+    """The soft and hard loss parts of each student per optimiser step (log scale)."""
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-    for path in logs:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for name, records in logs.items():
         steps = [r["step"] for r in records]
-        colour = method_colour(path.parent.name)
-        axes[0].plot(steps, [r["hard"] for r in records], color=colour, label=path.parent.name)
+        colour = method_colour(name)
+        axes[0].plot(steps, [r["hard"] for r in records], color=colour, label=name)
         soft = [r["soft"] if r["soft"] is not None else np.nan for r in records]
-        axes[1].plot(steps, soft, color=colour, label=path.parent.name)
+        axes[1].plot(steps, soft, color=colour, label=name)
     axes[0].set(xlabel="optimiser step", ylabel="cross-entropy on teacher tokens (nats)", title="Hard loss part")
     axes[1].set(xlabel="optimiser step", ylabel="forward KL to the teacher (nats)", title="Soft loss part (not computed for hard-only)")
     for axis in axes:
-        axis.set_yscale("log")
+        if any(np.nanmax(line.get_ydata(), initial=0) > 0 for line in axis.get_lines()):
+            axis.set_yscale("log")  # not on an empty panel: a log axis without positive data raises
         axis.legend(fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def write_training_curves(folder: Path, students_dir: Path) -> bool:
+    """Plot the soft and hard loss parts of every student's train_log.jsonl; False if none exist."""
+    logs = read_training_logs(students_dir)
+    if not logs:
+        return False
+    plt = pyplot()
+    figure = plot_training_curves(plt, logs)
     save(figure, folder, "training_curves")
     plt.close(figure)
     return True

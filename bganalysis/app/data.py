@@ -113,8 +113,9 @@ def results(run: Path) -> pd.DataFrame:
 @st.cache_data(show_spinner=False, max_entries=256)
 def _document_rows(path: str, mtime: float, doc_id: str) -> pd.DataFrame:
     frame = pd.read_parquet(path, filters=[("doc_id", "==", doc_id)])
-    order = [column for column in ("model", "position") if column in frame]
-    return frame.sort_values(order).reset_index(drop=True) if order else frame
+    if "position" in frame:  # a stable sort keeps the models in the analysis' order at each position
+        frame = frame.sort_values("position", kind="stable").reset_index(drop=True)
+    return frame
 
 
 def document(run: Path, doc_id: str, name: str = "tokens") -> pd.DataFrame:
