@@ -115,20 +115,31 @@ def proxy_risk_quantiles(teacher_logits: torch.Tensor, targets: torch.Tensor, pr
 
 
 def token_losses(
-    config, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: dict, targets: torch.Tensor, lam: torch.Tensor
+    config, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, batch: dict, targets: torch.Tensor,
+    lam: torch.Tensor, cached: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """Compute the soft, hard, risk and total loss per token for one micro-batch.
 
-    forward_kl uses the chunked fast path `losses.hybrid_token_losses`; every other
-    divergence goes through `divergence_token_losses`. `teacher_logits` may be None
-    only when λ is 0 everywhere, and `soft` is then 0.
+    With `cached` (the `teacher_topk_ids`, `teacher_topk_logprobs` and
+    `teacher_tail_logprob` tensors of a `TeacherCache` batch) the soft loss reads the
+    cached top-k through `cached_loss.cached_token_losses`. Otherwise forward_kl uses the
+    chunked fast path `losses.hybrid_token_losses` and every other divergence goes through
+    `divergence_token_losses`. `teacher_logits` may be None (and `cached` too) only when λ
+    is 0 everywhere, and `soft` is then 0.
     """
-    if config.divergence == "forward_kl" or teacher_logits is None:
+    params = {key: getattr(config, f"divergence_{key}") for key in divergence_parameters(config.divergence)}
+    params = {key: value for key, value in params.items() if value is not None}
+    if cached is not None:
+        from bganalysis.cached_loss import cached_token_losses
+
+        parts = cached_token_losses(
+            student_logits, cached["teacher_topk_ids"], cached["teacher_topk_logprobs"], cached["teacher_tail_logprob"],
+            targets, lam, config.divergence, params, config.loss_temperature, config.loss_chunk_tokens,
+        )
+    elif config.divergence == "forward_kl" or teacher_logits is None:
         lam_argument = 0.0 if teacher_logits is None else lam
         parts = hybrid_token_losses(student_logits, teacher_logits, targets, lam_argument, config.loss_temperature, config.loss_chunk_tokens)
     else:
-        params = {key: getattr(config, f"divergence_{key}") for key in divergence_parameters(config.divergence)}
-        params = {key: value for key, value in params.items() if value is not None}
         parts = divergence_token_losses(
             student_logits, teacher_logits, targets, lam, config.divergence, params, config.loss_temperature, config.loss_chunk_tokens
         )

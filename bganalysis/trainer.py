@@ -73,10 +73,11 @@ def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step:
         teacher_logits, student_logits = align_vocab(teacher_logits, student_logits, vocab_size)
 
     teacher_view = teacher_logits
-    if cached and needs_teacher(config) and config.weight_scheme not in STATIC_LAMBDA_SCHEMES:
-        from bganalysis.cached_loss import dense_teacher_logprobs
+    if cached and config.weight_scheme not in STATIC_LAMBDA_SCHEMES:
+        from bganalysis.cached_loss import dense_teacher_logits
 
-        teacher_view = dense_teacher_logprobs(cached, vocab_size)
+        teacher_view = dense_teacher_logits(cached["teacher_topk_ids"], cached["teacher_topk_logprobs"],
+                                            cached["teacher_tail_logprob"], vocab_size, config.loss_temperature)
     if config.hard_target == "argmax":
         top = cached["teacher_topk_ids"][..., 0] if cached else teacher_logits.argmax(dim=-1)
         targets = torch.where(valid, top, IGNORE_INDEX)
@@ -84,12 +85,8 @@ def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step:
     lam = soft_weights(step, teacher_view, targets)
     if onpolicy_rows is not None:
         lam = torch.where(onpolicy_rows[:, None] & valid, 1.0, lam)
-    if cached and config.method != "hard":
-        from bganalysis.cached_loss import cached_parts
-
-        parts = cached_parts(config, student_logits, cached, targets, lam)
-    else:
-        parts = token_losses(config, student_logits, teacher_logits, batch, targets, lam)
+    use_cache = cached if cached and config.method != "hard" else None
+    parts = token_losses(config, student_logits, teacher_logits, batch, targets, lam, cached=use_cache)
     return parts, valid, lam
 
 

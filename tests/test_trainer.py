@@ -210,3 +210,31 @@ def test_bfloat16_training_gives_finite_losses(tmp_path):
     folder = train(TrainConfig(**TINY, steps=2, dtype="bfloat16", out=str(tmp_path)))
     for record in _log(folder):
         assert record["soft"] >= 0 and torch.isfinite(torch.tensor(record["loss"]))
+
+
+@pytest.mark.parametrize("scheme", ["static", "entropy"])
+def test_cached_teacher_with_full_vocabulary_trains_like_the_online_teacher(tmp_path, scheme):
+    from bganalysis.lab import LabTeacher
+    from bganalysis.teacher_cache import build_teacher_cache
+    from bganalysis.train_data import lab_examples
+
+    config = dict(TINY, steps=3, weight_scheme=scheme, loss_temperature=2.0)
+    tokenizer = lab_tokenizer()
+    examples = lab_examples(config["num_docs"], 0, 512)
+    cache = build_teacher_cache(LabTeacher(), tokenizer, examples, tmp_path / "cache", k=len(tokenizer), loss_temperature=2.0)
+
+    online = _log(train(TrainConfig(**config, out=str(tmp_path / "online"))))
+    cached = _log(train(TrainConfig(**config, teacher_cache=str(cache), out=str(tmp_path / "cached"))))
+    for first, second in zip(online, cached, strict=True):
+        for key in ("loss", "soft", "hard", "lam_mean"):
+            assert second[key] == pytest.approx(first[key], rel=1e-4, abs=1e-6), key
+
+
+def test_cache_built_at_another_temperature_is_refused(tmp_path):
+    from bganalysis.lab import LabTeacher
+    from bganalysis.teacher_cache import build_teacher_cache
+    from bganalysis.train_data import lab_examples
+
+    cache = build_teacher_cache(LabTeacher(), lab_tokenizer(), lab_examples(4, 0, 512), tmp_path / "cache", k=4)
+    with pytest.raises(UserError, match="temperature"):
+        train(TrainConfig(**TINY, steps=1, loss_temperature=2.0, teacher_cache=str(cache), out=str(tmp_path)))
