@@ -65,14 +65,14 @@ def bbh_subtasks(data_dir: Path | None) -> list[str]:
 def parse_cot_prompt(text: str) -> tuple[str, list[dict]]:
     """Split an official BBH CoT prompt file into (description, [{input, target}, ...]).
 
-    The file is a canary line, a `-----` line, a one-line task description, then
-    examples "Q: <input>\\nA: Let's think step by step.\\n<reasoning and answer>".
+    The file is a canary line, a `-----` line, a task description (one or more
+    paragraphs), then examples "Q: <input>\\nA: Let's think step by step.\\n<reasoning and answer>".
     """
     body = text.split("-----", 1)[-1].strip()
-    description, _, examples = body.partition("\n\n")
+    description, examples = re.split(r"\n\n(?=Q: )", body, maxsplit=1)
     samples = []
     for block in re.split(r"\n\n(?=Q: )", examples.strip()):
-        question, _, answer = block.partition("\nA: Let's think step by step.\n")
+        question, _, answer = block.partition("\nA: Let's think step by step.")  # then a newline or a space
         samples.append({"input": question.removeprefix("Q: ").strip(), "target": answer.strip()})
     return description.strip() + "\n\n", samples
 
