@@ -19,9 +19,9 @@ METHOD_COLOURS = {
     "hard": "#0173b2",
     "soft": "#de8f05",
     "hybrid": "#cc78bc",
-    "hard_argmax": "#56b4e9",
+    "hard_argmax": "#ca9161",
 }
-SPARE_COLOURS = ["#ca9161", "#949494", "#fbafe4", "#ece133", "#029e73", "#d55e00"]
+SPARE_COLOURS = ["#56b4e9", "#949494", "#fbafe4", "#ece133", "#029e73", "#d55e00"]
 REGION_COLOURS = {"bridge": "#c0392b", "garden": "#27ae60", "": "#7f8c8d"}
 REGION_NAMES = {"bridge": "Bridge", "garden": "Garden", "": "unlabelled"}
 DPI = 130
