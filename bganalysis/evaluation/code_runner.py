@@ -11,9 +11,11 @@ interrupted run continues with the next task.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +77,10 @@ def make_decoder(model, tokenizer, dataset: str, chat_template: bool, max_new_to
     from evalplus.provider.utility import EOS, extra_eos_for_direct_completion
 
     decoder = HuggingFaceDecoder.__new__(HuggingFaceDecoder)  # its __init__ loads the model from a name
-    DecoderBase.__init__(decoder, name=str(getattr(model, "name_or_path", "model")), batch_size=1, temperature=0.0,
-                         max_new_tokens=max_new_tokens, instruction_prefix=INSTRUCTION_PREFIX,
-                         response_prefix=RESPONSE_PREFIX)
+    with contextlib.redirect_stdout(sys.stderr):  # it prints a greeting; stdout is for the results table
+        DecoderBase.__init__(decoder, name=str(getattr(model, "name_or_path", "model")), batch_size=1, temperature=0.0,
+                             max_new_tokens=max_new_tokens, instruction_prefix=INSTRUCTION_PREFIX,
+                             response_prefix=RESPONSE_PREFIX)
     decoder.device, decoder.model, decoder.tokenizer = model.device, model, tokenizer
     decoder.skip_special_tokens = True
     decoder.force_base_prompt = not chat_template or tokenizer.chat_template is None
