@@ -15,7 +15,6 @@ PROXY_LABELS = {
     "teacher_margin": "teacher top-1 minus top-2 probability",
     "teacher_only_kappa": "teacher-only counterfactual kappa (nats)",
 }
-KAPPA_LABEL = "Monte-Carlo kappa (nats, summed over H states and K actions)"
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float:
@@ -35,13 +34,18 @@ def positions_of(tokens: pd.DataFrame) -> pd.DataFrame:
 def plot_kappa_vs_proxies(plt, positions: pd.DataFrame):
     """kappa against each proxy (and the teacher-only estimate), coloured by region, with Spearman rho."""
     proxies = [name for name in PROXY_LABELS if name in positions]
-    figure, axes = plt.subplots(1, len(proxies), figsize=(4.2 * len(proxies), 3.8), sharey=True, squeeze=False)
-    for axis, proxy in zip(axes[0], proxies):
+    columns = 2
+    rows = -(-len(proxies) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(10, 3.6 * rows), sharey=True, squeeze=False)
+    for axis in axes.flat[len(proxies):]:
+        axis.set_visible(False)
+    for axis, proxy in zip(axes.flat, proxies):
         for region, frame in positions.groupby("region"):
             axis.scatter(frame[proxy], frame.kappa, s=8, alpha=0.5, color=REGION_COLOURS.get(region, "#7f8c8d"),
                          label=REGION_NAMES.get(region, region))
         axis.set(xlabel=PROXY_LABELS[proxy], title=f"Spearman rho = {spearman(positions[proxy], positions.kappa):.3f}")
-    axes[0][0].set_ylabel(KAPPA_LABEL)
+    for axis in axes[:, 0]:
+        axis.set_ylabel("Monte-Carlo kappa (nats)")
     axes[0][0].legend(fontsize=8, title="region")
     figure.tight_layout()
     return figure
@@ -62,7 +66,7 @@ def plot_kappa_by_region(plt, positions: pd.DataFrame):
         palette = {REGION_NAMES.get(key, key): colour for key, colour in REGION_COLOURS.items()}
         sns.boxplot(data=frame, x="group", y="kappa", order=order, hue="group", palette=palette, ax=axis,
                     fliersize=2, legend=False)
-        axis.set(xlabel=label, ylabel=KAPPA_LABEL if axis is axes[0][0] else "")
+        axis.set(xlabel=label, ylabel="Monte-Carlo kappa (nats)" if axis is axes[0][0] else "")
     figure.tight_layout()
     return figure
 
@@ -84,11 +88,11 @@ def agreement_table(summary: dict) -> pd.DataFrame:
 def plot_estimator_agreement(plt, summary: dict):
     table = agreement_table(summary).set_index("estimator").astype(float)
     figure, axis = plt.subplots(figsize=(7, 0.5 * len(table) + 1.5))
-    table.plot.barh(ax=axis, color=["#0173b2", "#c0392b"][: table.shape[1]])
+    table.plot.barh(ax=axis, color=["#0173b2", "#949494"][: table.shape[1]])
     axis.axvline(0, color="black", linewidth=0.8)
     axis.set(xlabel="Spearman rho (rank agreement, -1 to 1)", ylabel="", title="Estimator agreement")
     axis.invert_yaxis()
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="lower left")
     figure.tight_layout()
     return figure
 
@@ -108,6 +112,7 @@ def plot_eb_per_region_step(plt, tokens: pd.DataFrame, min_documents: int = 5):
     figure, axes = plt.subplots(1, max(len(regions), 1), figsize=(5.5 * max(len(regions), 1), 3.8), sharey=True, squeeze=False)
     for axis, region in zip(axes[0], regions):
         for model, frame in table[(table.region == region) & (table.documents >= min_documents)].groupby("model", sort=False):
+            frame = frame.sort_values("step")
             axis.plot(frame.step, frame.eb, color=method_colour(model), label=model, marker=".", markersize=4)
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set(xlabel="decoding step t (tokens)", title=f"{REGION_NAMES[region]} positions (>= {min_documents} documents)")
