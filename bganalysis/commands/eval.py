@@ -23,7 +23,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", action="append", metavar="MODEL",
                         help="model folder, hub id, run folder (all its students) or .gguf file; repeatable")
     parser.add_argument("--data-dir", metavar="DIR",
-                        help="read every benchmark from local files with the layout of ../shared/benchmarks "
+                        help="read every benchmark from local files in the layout of docs/eval.md "
                              "(no network); default: the tools' own online datasets")
     parser.add_argument("--limit", type=int, help="evaluate the first N items of each benchmark")
     parser.add_argument("--out", metavar="DIR",
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load weights in this dtype "
                         "(default: as stored)")
-    parser.add_argument("--batch-size", default="1", help="lm-eval batch size: an integer or auto")
+    parser.add_argument("--batch-size", default="8", help="lm-eval batch size: an integer or auto (lm-eval probes the largest that fits)")
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--apply-chat-template", dest="chat_template", action="store_true", default=None,
                       help="wrap prompts in the tokenizer's chat template (default: when it has one)")

@@ -52,7 +52,7 @@ def load_problems(dataset: str, data_dir: Path | None, limit: int | None) -> lis
         path = Path(data_dir) / LOCAL_FILES[dataset]
         if not path.is_file():
             raise UserError(f"--data-dir {data_dir}: {LOCAL_FILES[dataset]} is missing; "
-                            "pass a folder with the layout of ../shared/benchmarks (see its README)")
+                            "pass a folder with the benchmark layout of docs/eval.md")
     else:
         path = Path(_download(dataset))
     opener = gzip.open if path.suffix == ".gz" else open

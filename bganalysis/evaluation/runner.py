@@ -27,7 +27,7 @@ class EvalSettings:
     limit: int | None = None
     max_new_tokens: int = 256
     chat_template: bool | None = None  # None: apply when the tokenizer has one
-    batch_size: str = "1"
+    batch_size: str = "8"
     device: str = "cpu"
     dtype: str | None = None  # None: as stored
     force: bool = False
@@ -41,8 +41,8 @@ class EvalSettings:
         if self.batch_size != "auto" and not (self.batch_size.isdigit() and int(self.batch_size) >= 1):
             raise UserError(f"--batch-size {self.batch_size!r} is invalid: use an integer >= 1 or auto")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise UserError(f"--data-dir {self.data_dir} is not a folder; pass a folder with the layout of "
-                            "../shared/benchmarks (see its README), or leave it out to use the online datasets")
+            raise UserError(f"--data-dir {self.data_dir} is not a folder; pass a folder with the benchmark layout of "
+                            "docs/eval.md, or leave it out to use the online datasets")
 
 
 def benchmark_settings(benchmark: Benchmark, settings: EvalSettings, chat_template: bool) -> dict:

@@ -3,7 +3,7 @@
 The scoring part of each benchmark (prompt, shots, filters, metrics, version) is a
 task file in `eval_configs/tasks/`, loaded with lm-eval's own YAML loader. This module
 adds what depends on the source: with a data folder (`--data-dir`, the layout of
-`../shared/benchmarks/`) `dataset_path: json|csv` and the local files; without one the
+docs/eval.md) `dataset_path: json|csv` and the local files; without one the
 hub datasets that lm-eval's own tasks use. The result is a list of task config dicts,
 one per subtask, that `lm_eval.simple_evaluate` accepts as they are.
 """
@@ -33,7 +33,7 @@ def task_configs(benchmark: str, template: Path, data_dir: Path | None, max_new_
         raise UserError(f"benchmark {benchmark!r} has no lm-eval task builder; use one of {', '.join(builders)}")
     if data_dir is not None and not (Path(data_dir) / _LOCAL_FOLDERS[benchmark]).is_dir():
         raise UserError(f"--data-dir {data_dir}: the folder {_LOCAL_FOLDERS[benchmark]} for {benchmark} is missing; "
-                        "pass a folder with the layout of ../shared/benchmarks (see its README)")
+                        "pass a folder with the benchmark layout of docs/eval.md")
     return [{**base, **extra} for extra in builders[benchmark](data_dir)]
 
 
