@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from bganalysis.losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, _chunk_parts
+from bganalysis.losses import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX
 
 
 def fused_hybrid_loss(
@@ -39,9 +39,9 @@ def fused_hybrid_loss(
     """Compute the hybrid loss from hidden states `[..., hidden]` and the lm_head weight `[vocab', hidden]`.
 
     Returns `loss`, the float32 scalar sum of λ·soft + (1 - λ)·hard over valid tokens divided
-    by `num_valid_tokens` (pass the valid tokens of the whole optimiser step, as to
-    `losses.masked_mean`), with gradients to `hidden_states` and `lm_head_weight`; and
-    `soft`, `hard`, `total` per token `[...]` without gradient, for logging. The terms are
+    by `num_valid_tokens`, with gradients to `hidden_states` and `lm_head_weight`. Pass the
+    valid tokens of the whole optimiser step, as to `losses.masked_mean`. Also returns
+    `soft`, `hard` and `total` per token `[...]` without gradient, for logging. The terms are
     those of `losses.hybrid_token_losses`. `vocab_size` cuts padded weight rows and teacher
     columns; `teacher_logits` `[..., vocab]` may be None only when lam is the float 0.
     The output layer must have no bias (true of Llama, Qwen2, Mistral and SmolLM2).
@@ -90,14 +90,14 @@ class _FusedHybrid(torch.autograd.Function):
         valid_rows = (target_rows != IGNORE_INDEX).nonzero().squeeze(1)
         for rows in valid_rows.split(chunk_tokens):
             chunk_hidden = hidden[rows]
-            logits = (chunk_hidden @ weight.T).float()
             chunk_teacher = None if teacher_rows is None else teacher_rows[rows]
-            parts = _chunk_parts(logits, chunk_teacher, target_rows[rows], slice(None), temperature, with_probs=needs_grad)
-            soft[rows], hard[rows] = parts["soft"], parts["hard"]
+            weights = _term_weights(lam_rows[rows], scale, temperature)
+            soft[rows], hard[rows], grad_logits = _chunk_losses(chunk_hidden @ weight.T, chunk_teacher, target_rows[rows],
+                                                                temperature, weights if needs_grad else None)
             if needs_grad:
-                grad_logits = _logit_gradient(parts, target_rows[rows], lam_rows[rows], scale, temperature)
                 grad_hidden[rows] = grad_logits @ weight.float()
                 grad_weight.addmm_(grad_logits.T, chunk_hidden.float())
+            del grad_logits
 
         soft_part = torch.where(lam_rows > 0, lam_rows * soft, 0.0)
         hard_part = torch.where(lam_rows < 1, (1.0 - lam_rows) * hard, 0.0)
@@ -119,13 +119,49 @@ class _FusedHybrid(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _logit_gradient(parts: dict, targets: torch.Tensor, lam: torch.Tensor, scale: float, temperature: float) -> torch.Tensor:
-    """Return d loss / d logits `[rows, vocab]` of one chunk from its probabilities."""
-    soft_weight = (torch.where(lam > 0, lam, 0.0) * scale)[:, None]
+def _term_weights(lam: torch.Tensor, scale: float, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the per-row factors `[rows, 1]` of d soft / dz (with τ) and d hard / dz in the loss gradient."""
+    soft_weight = (torch.where(lam > 0, lam, 0.0) * (scale * temperature))[:, None]
     hard_weight = (torch.where(lam < 1, 1.0 - lam, 0.0) * scale)[:, None]
-    grad = parts["q"]
+    return soft_weight, hard_weight
+
+
+def _chunk_losses(logits, teacher, targets, temperature, weights):
+    """Return soft `[rows]`, hard `[rows]` and, when `weights` is given, d loss / d logits `[rows, vocab]`.
+
+    The same terms as `losses.hybrid_token_losses`, written with in-place steps so that at
+    most about three `[rows, vocab]` float32 tensors exist at once at temperature 1 (four
+    otherwise); the plain functions keep about a dozen.
+    """
+    logits = logits.float()
+    student_logprobs = torch.log_softmax(logits, dim=-1)
+    hard = -student_logprobs.gather(-1, targets[:, None]).squeeze(-1)
+    if temperature == 1.0:
+        del logits
+        student_logprobs_tau = student_logprobs
+    else:
+        student_logprobs_tau = torch.log_softmax(logits.div_(temperature), dim=-1)
+        del logits
+
+    soft = torch.zeros_like(hard)
+    teacher_probs = None
+    if teacher is not None:
+        terms = torch.log_softmax(teacher.float() / temperature, dim=-1)
+        teacher_probs = terms.exp()
+        # p·(log p - log q), and exactly 0 where p = 0 (where the difference may be NaN or inf).
+        terms.sub_(student_logprobs_tau).mul_(teacher_probs).masked_fill_(teacher_probs == 0, 0.0)
+        soft = temperature**2 * terms.sum(dim=-1)
+        del terms
+    if weights is None:
+        return soft, hard, None
+
+    soft_weight, hard_weight = weights
+    if teacher_probs is not None:  # becomes c_soft·τ·(q_τ - p_τ) in place
+        teacher_probs.sub_(student_logprobs_tau.exp()).mul_(-soft_weight)
+    del student_logprobs_tau
+    grad = student_logprobs.exp_()  # q, in the buffer of the log-probabilities
     grad[torch.arange(len(targets), device=targets.device), targets] -= 1.0
-    grad *= hard_weight
-    if "p_tau" in parts:
-        grad += (soft_weight * temperature) * (parts["q_tau"] - parts["p_tau"])
-    return grad
+    grad.mul_(hard_weight)
+    if teacher_probs is not None:
+        grad.add_(teacher_probs)
+    return soft, hard, grad

@@ -3,11 +3,11 @@
 Two measurements:
 
 - Step variants on a random-init student (2 Llama layers of SmolLM2's width, its
-  49,152-token vocabulary) with precomputed teacher logits: PyTorch's plain
-  `F.cross_entropy` on the logits (`ce`), the chunked hybrid loss the trainer uses
-  (`hybrid`, `losses.hybrid_token_losses`), a naive hybrid loss with full log-softmax of
-  both models and plain autograd (`naive`), and the fused output-layer hybrid loss
-  (`fused`, `fused_loss.fused_hybrid_loss`). A step is forward, loss, backward and an
+  49,152-token vocabulary) with precomputed teacher logits. `ce` is PyTorch's plain
+  `F.cross_entropy` on the logits, and `hybrid` the chunked hybrid loss the trainer uses
+  (`losses.hybrid_token_losses`). `naive` is a hybrid loss with full log-softmax of both
+  models and plain autograd, and `fused` the fused output-layer hybrid loss
+  (`fused_loss.fused_hybrid_loss`). A step is forward, loss, backward and an
   AdamW update. Each variant runs in a fresh Python process. One warm-up step creates
   the gradients and the optimiser state. The peak resident memory is then reset
   (writing 5 to /proc/self/clear_refs, Linux), and the reported peak memory is the
