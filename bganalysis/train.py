@@ -34,7 +34,6 @@ from bganalysis.errors import UserError
 from bganalysis.io import atomic_directory, atomic_write_text
 from bganalysis.train_config import DTYPES, HARD_TARGETS, METHOD_LAMBDA, METHODS, TrainConfig
 from bganalysis.train_data import Example, collate, jsonl_examples, lab_examples
-from bganalysis.trainer import lr_factor as _lr_factor
 
 __all__ = ["DTYPES", "HARD_TARGETS", "METHOD_LAMBDA", "METHODS", "TrainConfig", "train"]
 
@@ -180,6 +179,13 @@ def make_trainer(config: TrainConfig, run_dir: Path, callbacks: tuple = ()):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LineProgress(f"train {config.name}"))
     return trainer, stopper
+
+
+def _lr_factor(warmup_steps: int, steps: int):
+    """The learning-rate schedule of `bganalysis.trainer`, imported late so the CLI starts without transformers."""
+    from bganalysis.trainer import lr_factor
+
+    return lr_factor(warmup_steps, steps)
 
 
 class _Examples:
