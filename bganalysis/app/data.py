@@ -107,7 +107,11 @@ def summary(run: Path) -> dict:
 
 def results(run: Path) -> pd.DataFrame:
     """eval/results.parquet: one row per (model, suite, benchmark, metric)."""
-    return _read(run / "eval" / "results.parquet", _read_parquet, f"bganalysis eval --out {run} (benchmarks of the run's students)")
+    return _read(run / "eval" / "results.parquet", _read_parquet, eval_command(run))
+
+
+def eval_command(run: Path) -> str:
+    return f"bganalysis eval --suite reasoning --model {run}"  # a run folder means all its students; out: RUN/eval
 
 
 @st.cache_data(show_spinner=False, max_entries=256)

@@ -20,7 +20,7 @@ def render(run: Path, names: list[str]) -> None:
     missing = [column for column in RESULT_COLUMNS if column not in results]
     if missing:
         data.show_missing(data.Missing(f"{run}/eval/results.parquet lacks the columns {', '.join(missing)}.",
-                                       f"bganalysis eval --out {run} (write the results again)"))
+                                       data.eval_command(run)))
         return
     suites = sorted(results.suite.unique())
     chosen = st.multiselect("Suites", suites, default=suites, key="bench_suites")
