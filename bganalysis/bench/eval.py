@@ -110,14 +110,15 @@ def _time_lm_eval(model, tokenizer, benchmark, data: Path, items: int, max_new_t
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from bganalysis.evaluation.lm_eval_runner import _subtask_sizes, make_lm, spread_indices
+    from bganalysis.evaluation.lm_eval_runner import load_tasks, make_lm, spread_indices
     from bganalysis.evaluation.tasks import task_configs
 
     settings = _settings(benchmark, data, items, max_new_tokens)
     chat = tokenizer.chat_template is not None
     configs = task_configs(benchmark.name, benchmark.task, data, max_new_tokens)
     manager = TaskManager(include_defaults=False)
-    chosen = [(c, i) for c, i in zip(configs, spread_indices(_subtask_sizes(configs, manager), items)) if i]
+    sizes = [len(task.eval_docs) for task in load_tasks(configs, manager).values()]
+    chosen = [(c, i) for c, i in zip(configs, spread_indices(sizes, items)) if i]
 
     started = time.perf_counter()
     lm_eval.simple_evaluate(model=make_lm(model, tokenizer, "1"), tasks=[c for c, _ in chosen], task_manager=manager,

@@ -52,24 +52,23 @@ def run_benchmark(lm, configs: list[dict], settings: LmEvalSettings) -> tuple[li
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_defaults=False)
+    tasks = load_tasks(configs, manager)  # loaded once: the sizes need them, and simple_evaluate reuses them
+    names = [config["task"] for config in configs]
     samples = None
     if settings.limit is not None:
-        chosen = [(config, indices) for config, indices
-                  in zip(configs, spread_indices(_subtask_sizes(configs, manager), settings.limit)) if indices]
-        configs = [config for config, _ in chosen]
-        samples = {config["task"]: indices for config, indices in chosen}
-    output = lm_eval.simple_evaluate(model=lm, tasks=configs, task_manager=manager, samples=samples,
-                                     log_samples=True, apply_chat_template=settings.chat_template,
+        chosen = spread_indices([len(tasks[name].eval_docs) for name in names], settings.limit)
+        samples = {name: indices for name, indices in zip(names, chosen) if indices}
+        names = [name for name in names if name in samples]
+    output = lm_eval.simple_evaluate(model=lm, tasks=[tasks[name] for name in names], task_manager=manager,
+                                     samples=samples, log_samples=True, apply_chat_template=settings.chat_template,
                                      fewshot_as_multiturn=settings.chat_template)
     table = _sample_table(output["samples"])
     return _metric_rows(table, configs[0]), table
 
 
-def _subtask_sizes(configs: list[dict], manager) -> list[int]:
-    """The number of test items of each subtask (loads the datasets, which lm-eval caches)."""
-    tasks = manager.load_task_or_group(configs)
-    sizes = {name: len(task.eval_docs) for name, task in _leaves(tasks)}
-    return [sizes[config["task"]] for config in configs]
+def load_tasks(configs: list[dict], manager) -> dict:
+    """{task name: lm-eval Task} for the subtask `configs` (this loads their datasets)."""
+    return dict(_leaves(manager.load_task_or_group(configs)))
 
 
 def _leaves(tasks: dict):
