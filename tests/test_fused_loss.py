@@ -88,3 +88,11 @@ def test_fused_rejects_missing_teacher(inputs):
     hidden, weight, _, targets, lam = inputs
     with pytest.raises(ValueError, match="only valid with lam=0"):
         fused_hybrid_loss(hidden, weight, None, targets, lam, 20)
+
+
+def test_fused_bfloat16_close_to_float32(inputs):
+    hidden, weight, teacher, targets, lam = inputs
+    half = fused_hybrid_loss(hidden.bfloat16(), weight.bfloat16(), teacher.bfloat16(), targets, lam, 20, vocab_size=VOCAB)
+    full = fused_hybrid_loss(hidden, weight, teacher, targets, lam, 20, vocab_size=VOCAB)
+    assert bool((half["soft"] >= 0).all())
+    torch.testing.assert_close(half["loss"], full["loss"], rtol=0.05, atol=0.05)
