@@ -74,7 +74,7 @@ def _analyse(models: LiveModels, text: str, top_k: int) -> pd.DataFrame:
         "position": range(1, ids.shape[1]),
         "token": [models.tokenizer.decode([int(i)]) for i in targets],
         "teacher p(token)": probs.gather(1, targets[:, None])[:, 0].numpy(),
-        "teacher_entropy": -(probs * teacher).nansum(dim=-1).numpy(),
+        "teacher entropy (nats)": -(probs * teacher).nansum(dim=-1).numpy(),
         "teacher top-k": [", ".join(f"{models.tokenizer.decode([int(i)])!r} {p:.2f}" for i, p in zip(row_ids, row_p))
                           for row_ids, row_p in zip(top.indices.tolist(), top.values.tolist())],
     })
