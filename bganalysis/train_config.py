@@ -79,6 +79,7 @@ class TrainConfig:
     log_every: int = _option(10, "optimiser steps between log lines")
     device: str = _option("auto", "auto (cuda when available, else cpu), cpu, cuda or mps; pick GPUs with CUDA_VISIBLE_DEVICES, or launch several processes with accelerate launch or torchrun")
     loss_chunk_tokens: int = _option(1024, "tokens per chunk of the loss; its float32 scratch memory is chunk × vocabulary × 4 bytes")
+    fused_loss: bool = _option(True, "compute the output layer and the forward KL + cross-entropy loss chunk by chunk, so the student's [tokens, vocabulary] logits never exist (forward_kl without risk_guided, online teacher); false computes the loss on full logits")
     dtype: str = _option("float32", "training precision: float32, or bfloat16 (mixed precision: float32 weights, bfloat16 matmuls; losses stay float32)")
     teacher_cache: str | None = _option(None, "folder written by bganalysis cache-teacher (top-k teacher log-probabilities per response token); training then runs without the teacher in memory")
     onpolicy_fraction: float = _option(0.0, "share of sequences whose response the student writes itself (sampled, then scored by the teacher with the soft loss only), as in on-policy KD (GKD); 0 is off-policy, 1 fully on-policy")
@@ -91,6 +92,7 @@ class TrainConfig:
     lora_target_modules: str = _option("all-linear", "LoRA target modules: all-linear, or comma-separated module names such as q_proj,v_proj")
     save_every: int = _option(100, "optimiser steps between checkpoints in OUT/checkpoints/NAME (the last two are kept); 0 saves only when interrupted")
     resume: bool = _option(False, "continue from the latest checkpoint in OUT/checkpoints/NAME, with the same data order and loss curve")
+    force: bool = _option(False, "replace a finished student in OUT/students/NAME that was trained with other settings")
     report_to: str = _option("none", "where the Trainer also logs: none, tensorboard or wandb (comma-separated for several)")
 
     def __post_init__(self):

@@ -90,6 +90,72 @@ def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step:
     return parts, valid, lam
 
 
+def fused_path_applies(config, student, cached: bool) -> bool:
+    """Return True when `fused_loss.fused_hybrid_loss` computes exactly this run's loss.
+
+    It covers forward KL with the online teacher (or hard labels alone) and any λ scheme
+    but risk_guided, which reads the student's logits. The student's output layer must
+    be a plain linear map of the final hidden states: no bias, no logit scale or
+    soft-capping.
+    """
+    if not config.fused_loss or cached or config.divergence != "forward_kl" or config.weight_scheme == "risk_guided":
+        return False
+    head = student.get_output_embeddings()
+    model_config = student.config
+    return (
+        isinstance(head, torch.nn.Linear) and head.bias is None
+        and not getattr(model_config, "final_logit_softcapping", None)
+        and getattr(model_config, "logit_scale", None) in (None, 1.0)
+    )
+
+
+def micro_batch_loss(config, teacher, student, batch: dict, soft_weights, step: int, vocab_size: int, num_valid_tokens,
+                     fused: bool = False):
+    """Return (loss, parts, valid, lam) of one micro-batch; `loss` is normalised by `num_valid_tokens`.
+
+    With `fused` the output layer and the loss run chunk by chunk
+    (`fused_loss.fused_hybrid_loss`), so the student's `[tokens, vocab]` logits never
+    exist; the parts are then detached. Otherwise the loss is
+    `masked_mean(micro_batch_parts(...).total)`.
+    """
+    if not fused:
+        parts, valid, lam = micro_batch_parts(config, teacher, student, batch, soft_weights, step, vocab_size)
+        return masked_mean(parts["total"], valid, num_valid_tokens), parts, valid, lam
+
+    from bganalysis.fused_loss import fused_hybrid_loss
+
+    batch = dict(batch)
+    targets = batch.pop("targets")
+    onpolicy_rows = batch.pop(ONPOLICY_KEY, None)
+    valid = targets != IGNORE_INDEX
+    teacher_logits = None
+    if needs_teacher(config):
+        with torch.no_grad():
+            teacher_logits = teacher(**batch, use_cache=False).logits[..., :vocab_size].float()
+    if config.hard_target == "argmax":
+        targets = torch.where(valid, teacher_logits.argmax(dim=-1), IGNORE_INDEX)
+    lam = soft_weights(step, teacher_logits, targets)
+    if onpolicy_rows is not None:
+        lam = torch.where(onpolicy_rows[:, None] & valid, 1.0, lam)
+
+    # One logit row is kept because the model insists on computing some; the loss reads the hidden states.
+    output = student(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    weight = _unwrap(student).get_output_embeddings().weight
+    lam_argument = 0.0 if teacher_logits is None else lam
+    result = fused_hybrid_loss(output.hidden_states[-1], weight, teacher_logits, targets, lam_argument, num_valid_tokens,
+                               config.loss_temperature, config.loss_chunk_tokens, vocab_size)
+    parts = {key: result[key] for key in ("soft", "hard", "total")}
+    parts["risk"] = torch.zeros_like(parts["hard"])
+    return result["loss"], parts, valid, lam
+
+
+def _unwrap(model):
+    """The model inside DDP or another wrapper that keeps it as `.module`."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 class DistillTrainer(Trainer):
     """A Trainer whose `compute_loss` is the KD loss; see the module docstring."""
 
@@ -102,6 +168,7 @@ class DistillTrainer(Trainer):
         self.vocab_size = vocab_size
         self.soft_weights = soft_weights
         self.pad_id, self.eos_id = pad_id, eos_id
+        self.fused = fused_path_applies(config, _unwrap(self.model), cached=False)
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -153,11 +220,13 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         step = self.state.global_step + 1
-        parts, valid, lam = micro_batch_parts(self.config, self.teacher, model, inputs, self.soft_weights, step, self.vocab_size)
         if num_items_in_batch is None:  # outside training_step (evaluation): this batch alone
-            num_items_in_batch = valid.sum()
+            num_items_in_batch = (inputs["targets"] != IGNORE_INDEX).sum()
+        fused = self.fused and not any(key in inputs for key in CACHE_KEYS)
+        loss, parts, valid, lam = micro_batch_loss(self.config, self.teacher, model, inputs, self.soft_weights, step,
+                                                   self.vocab_size, num_items_in_batch, fused)
         # DDP averages gradients over processes; scaling by their number turns that into a sum.
-        loss = masked_mean(parts["total"], valid, num_items_in_batch) * self.accelerator.num_processes
+        loss = loss * self.accelerator.num_processes
         self._add_sums(parts, valid, lam, inputs)
         return (loss, {"parts": parts}) if return_outputs else loss
 

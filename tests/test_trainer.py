@@ -238,3 +238,24 @@ def test_cache_built_at_another_temperature_is_refused(tmp_path):
     cache = build_teacher_cache(LabTeacher(), lab_tokenizer(), lab_examples(4, 0, 512), tmp_path / "cache", k=4)
     with pytest.raises(UserError, match="temperature"):
         train(TrainConfig(**TINY, steps=1, loss_temperature=2.0, teacher_cache=str(cache), out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"method": "hard", "hard_target": "argmax"}, {"weight_scheme": "entropy"}])
+def test_fused_loss_trains_like_the_plain_loss(tmp_path, overrides):
+    config = dict(TINY, steps=3, loss_temperature=2.0, **overrides)
+    plain = _log(train(TrainConfig(**config, fused_loss=False, out=str(tmp_path / "plain"))))
+    fused = _log(train(TrainConfig(**config, out=str(tmp_path / "fused"))))
+    for first, second in zip(plain, fused, strict=True):
+        for key in ("loss", "hard", "lam_mean", "grad_norm"):
+            assert second[key] == pytest.approx(first[key], rel=1e-4), key
+
+
+def test_fused_path_covers_forward_kl_only():
+    from bganalysis.trainer import fused_path_applies
+
+    student = tiny_llama(len(lab_tokenizer()))
+    assert fused_path_applies(TrainConfig(), student, cached=False)
+    assert not fused_path_applies(TrainConfig(), student, cached=True)
+    assert not fused_path_applies(TrainConfig(divergence="reverse_kl"), student, cached=False)
+    assert not fused_path_applies(TrainConfig(weight_scheme="risk_guided"), student, cached=False)
+    assert not fused_path_applies(TrainConfig(fused_loss=False), student, cached=False)
