@@ -237,7 +237,8 @@ class DistillTrainer(Trainer):
         self._sums["lam"] += float(torch.where(valid, lam, 0.0).sum())
         self._sums["loss_tokens"] += int(valid.sum())
         self._sums["tokens"] += int(inputs["attention_mask"].sum())
-        soft_measured = self.teacher is not None and needs_teacher(self.config) or any(key in inputs for key in CACHE_KEYS)
+        has_teacher = self.teacher is not None or any(key in inputs for key in CACHE_KEYS)
+        soft_measured = has_teacher and needs_teacher(self.config)
         self._sums["soft_tokens"] += int(valid.sum()) if soft_measured else 0
 
     # --- logging -----------------------------------------------------------------------------
