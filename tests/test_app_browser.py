@@ -104,11 +104,13 @@ def test_token_map_select_token(server, browser, tmp_path):
     assert tokens.count() >= 5
     token_text = tokens.nth(3).inner_text()
 
+    page.evaluate("window.bganalysisMarker = 'before the click'")
     started = time.monotonic()
     tokens.nth(3).click()
     page.wait_for_selector("a.tok.selected#tok-3", timeout=60_000)
     page.get_by_text("Position 3:").wait_for(timeout=60_000)
     selection_seconds = time.monotonic() - started
+    assert page.evaluate("window.bganalysisMarker") == "before the click"  # selected by a rerun, not a page reload
 
     details = page.locator("[data-testid='stMain']").inner_text()
     assert "kappa ± standard error (nats)" in details

@@ -1,8 +1,9 @@
 """Tokens laid out as HTML text, each coloured by a per-token value, each a link that selects it.
 
-Built as one string in a single pass (about 2 ms per 1,000 tokens here), so a long
-document renders at once. Selecting a token reloads the page with `pos=N` in the query
-string; the details panel reads it back.
+Built as one string in a single pass (94 ms for 2,000 tokens on a shared 2-core CPU). A
+click on a token is caught by a small script component in the token map page, which
+selects it without reloading; without that script the link reloads the page with `pos=N`
+in the query string, and the details panel reads it back.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def token_map_html(rows: pd.DataFrame, mode: str, query: dict, selected: int | N
         link = html.escape("?" + urlencode({**query, "pos": row.position}))
         chosen = " selected" if row.position == selected else ""
         token = str(row.token)
-        pieces.append(f'<a class="tok{chosen}" id="tok-{row.position}" href="{link}" target="_self" '
+        pieces.append(f'<a class="tok{chosen}" id="tok-{row.position}" data-pos="{row.position}" href="{link}" target="_self" '
                       f'title="{html.escape(_tooltip(row))}" style="background:{background};color:{text}">'
                       f"{html.escape(visible(token))}</a>")
         if "\n" in token:

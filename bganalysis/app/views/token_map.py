@@ -14,6 +14,26 @@ from bganalysis.app.token_html import COLOUR_MODES, divergence_html, token_map_h
 from bganalysis.plots.style import REGION_NAMES
 
 
+# Catches clicks on the token links (a.tok, data-pos) anywhere in the page and sends the position
+# to Python as a trigger value, so selecting a token reruns the script instead of reloading the page.
+# One listener per page: later mounts only replace the function it calls.
+CLICK_JS = """
+export default function(component) {
+  const state = window.__bganalysisTokenClicks || (window.__bganalysisTokenClicks = {});
+  state.send = component.setTriggerValue;
+  if (state.listening) return;
+  state.listening = true;
+  document.addEventListener("click", (event) => {
+    const link = event.target.closest ? event.target.closest("a.tok") : null;
+    if (!link || !state.send) return;
+    event.preventDefault();
+    state.send("selected", Number(link.dataset.pos));
+  }, true);
+}
+"""
+_token_clicks = st.components.v2.component("bganalysis_token_clicks", js=CLICK_JS)
+
+
 def _index(options: list, requested) -> int:
     return options.index(requested) if requested in options else 0
 
@@ -50,6 +70,9 @@ def render(run: Path, names: list[str]) -> None:
 
 
 def show_document(run: Path, doc: str, student: str, mode: str, positions: pd.DataFrame, models: list[str]) -> None:
+    clicked = _token_clicks(key="token_clicks", on_selected_change=lambda: None).selected
+    if clicked is not None and 0 <= int(clicked) < len(positions):
+        st.session_state["pos"] = int(clicked)
     if st.session_state.get("pos", 0) >= len(positions):
         st.session_state["pos"] = 0  # a shorter document was chosen
     requested = _query_int("pos")
