@@ -22,7 +22,7 @@ def next_logprobs(model, ids: list[int], vocab_size: int) -> torch.Tensor:
 
 
 def reference_rollouts(teacher, students: dict, prefix: list[int], actions: torch.Tensor,
-                       uniforms: torch.Tensor, eos_ids: set[int], vocab_size: int) -> Sample:
+                       uniforms: torch.Tensor, eos_ids: set[int], vocab_size: int, head: int = 0) -> Sample:
     """Same result as `rollout.rollouts_after_actions`, computed one row and one step at a time."""
     num_actions, rollouts, draws = uniforms.shape
     all_tokens, all_losses = [], {name: [] for name in students}
@@ -36,7 +36,7 @@ def reference_rollouts(teacher, students: dict, prefix: list[int], actions: torc
                     student_lp = next_logprobs(student, prefix + tokens, vocab_size)
                     row_losses[name].append(float(kl_from_logprobs(teacher_lp, student_lp)))
                 if k < draws:
-                    tokens.append(int(sample_from_logprobs(teacher_lp[None], uniforms[a, r, k:k + 1])[0]))
+                    tokens.append(int(sample_from_logprobs(teacher_lp[None], uniforms[a, r, k:k + 1], head=head)[0]))
             all_tokens.append(tokens)
             for name in students:
                 all_losses[name].append(row_losses[name])

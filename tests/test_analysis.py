@@ -380,15 +380,41 @@ def test_regions_per_document_fractions(lab_run):
 
 # Kappa against the exact value
 
+BRIDGE_F1_FLOOR = 0.85
+GARDEN_F1_FLOOR = 0.8
 
-def test_kappa_vs_exact_default_budget(tmp_path):
-    student = train(TrainConfig(method="hard", steps=600, out=str(tmp_path), seed=0, device="cpu"))
-    config = AnalyzeConfig(teacher="lab", students=[str(student)], out=str(tmp_path / "run"), num_lab_docs=15,
+
+@pytest.fixture(scope="module")
+def lab_student(tmp_path_factory):
+    """A hard-label student trained 600 steps on the lab, the small budget of the validation tests."""
+    out = tmp_path_factory.mktemp("lab_student")
+    return train(TrainConfig(method="hard", steps=600, out=str(out), seed=0, device="cpu"))
+
+
+def test_kappa_vs_exact_default_budget(lab_student, tmp_path):
+    config = AnalyzeConfig(teacher="lab", students=[str(lab_student)], out=str(tmp_path / "run"), num_lab_docs=15,
                            kappa_k=4, kappa_rollouts=4, kappa_horizon=8, bootstrap=20)
     summary = run_analysis(config)
     rho = summary["kappa_spearman_vs_exact"]
-    print(f"kappa Spearman vs exact: {rho:.4f}")
-    assert rho >= 0.8
+    teacher_only_rho = summary["kappa"]["teacher_only"]["spearman_vs_exact"]
+    print(f"kappa Spearman vs exact: {rho:.4f}, teacher-only: {teacher_only_rho:.4f}")
+    assert rho >= 0.85
+    assert teacher_only_rho >= 0.9
+
+
+def test_lab_labels_match_true_roles(lab_student, tmp_path):
+    # K = 2 matches the lab's definition of roles: a Bridge has one valid token, so its
+    # second most likely token corrupts the document; a Garden's top two are both valid.
+    # 60% / 40% labels match the share of true Bridges (about 62% of positions).
+    config = AnalyzeConfig(teacher="lab", students=[str(lab_student)], out=str(tmp_path / "run"), num_lab_docs=15,
+                           kappa_k=2, kappa_rollouts=4, kappa_horizon=8, bootstrap=20, bridge_fraction=0.6,
+                           garden_fraction=0.4)
+    roles = run_analysis(config)["agreement"]["vs_true_role"]
+    bridge_f1, garden_f1 = roles["kappa"]["bridge"]["f1"], roles["kappa"]["garden"]["f1"]
+    print(f"F1 against true roles: Bridge {bridge_f1:.3f}, Garden {garden_f1:.3f}; "
+          f"exact kappa {roles['exact']['bridge']['f1']:.3f}, {roles['exact']['garden']['f1']:.3f}")
+    assert bridge_f1 >= BRIDGE_F1_FLOOR
+    assert garden_f1 >= GARDEN_F1_FLOOR
 
 
 # Output files
@@ -441,6 +467,7 @@ def test_same_seed_identical_tables(lab_run, student_dirs, tmp_path):
     pd.testing.assert_frame_equal(again["tokens"], lab_run["tokens"])
     pd.testing.assert_frame_equal(again["steps"], lab_run["steps"])
     first, second = json.loads(lab_run["summary_text"]), json.loads(again["summary_text"])
-    first["settings"].pop("out")
-    second["settings"].pop("out")
+    for summary in (first, second):
+        summary["settings"].pop("out")
+        summary.pop("provenance")  # the git commit moves when anyone commits between the two runs
     assert first == second

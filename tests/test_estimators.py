@@ -8,7 +8,9 @@ import torch
 
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, attach_lab_roles, generator_for
-from bganalysis.analysis.kappa import action_weights, kappa_from_q, select_actions, teacher_only_kappa
+from bganalysis.analysis.kappa import (action_weights, kappa_from_q, monte_carlo_kappa, select_actions,
+                                      teacher_only_kappa)
+from bganalysis.analysis.kappa_sampling import RolloutSpread, allocate_rollouts, kappa_standard_error, latin_hypercube
 from bganalysis.analysis.pipeline import AnalyzeConfig, windowed_losses
 from bganalysis.lab import LabTeacher, sample_documents
 from bganalysis.losses import kl_from_logprobs
@@ -125,3 +127,82 @@ def test_analysis_writes_windowed_and_teacher_only(tmp_path):
     assert "spearman_vs_exact" in summary["kappa"]["teacher_only"]
     assert tokens.teacher_only_kappa.notna().all()
     assert (tokens.action_set_size >= 2).all()
+
+
+# Variance-reduced Monte-Carlo kappa
+
+
+def test_latin_hypercube_one_value_per_stratum():
+    uniforms = latin_hypercube(5, 7, torch.Generator().manual_seed(0))
+    strata = torch.floor(uniforms * 5).long()
+    for column in range(7):
+        assert sorted(strata[:, column].tolist()) == [0, 1, 2, 3, 4]
+
+
+def test_allocation_favours_large_coefficients():
+    weights = np.array([0.9, 0.05, 0.05])  # c = [-1.7, 0.85, 0.85]
+    counts = allocate_rollouts(weights, total=12)
+    assert counts.sum() == 12
+    assert counts.min() >= 2
+    assert counts[0] > counts[1]
+
+
+def test_allocation_follows_spread_guess():
+    weights = np.array([0.9, 0.05, 0.05])
+    quiet_top = allocate_rollouts(weights, total=12, spread=np.array([0.1, 1.0, 1.0]))
+    assert quiet_top.tolist() == [2, 5, 5]
+
+
+def test_rollout_spread_floors_and_fills_ranks():
+    spread = RolloutSpread(floor=0.5)
+    assert spread.guess(3) is None
+    spread.add([np.array([1.0, 1.0]), np.array([0.0, 4.0])])  # variances 0 and 8
+    assert spread.guess(3).tolist() == pytest.approx([math.sqrt(8) / 2, math.sqrt(8), math.sqrt(8) / 2])
+
+
+def test_standard_error_paired_cancels_shared_noise():
+    weights = np.array([0.5, 0.3, 0.2])
+    shared_noise = np.random.default_rng(0).normal(size=(8, 1))
+    q = np.array([[1.0, 2.0, 3.0]]) + shared_noise  # every action moves with the same rollout noise
+    assert kappa_standard_error(list(q.T), weights, paired=True) < 1e-12
+    assert kappa_standard_error(list(q.T), weights, paired=False) > 0.1
+
+
+def test_standard_error_independent_by_hand():
+    weights = np.array([0.75, 0.25])  # c = [-0.5, 0.5]
+    rows = [np.array([1.0, 3.0]), np.array([0.0, 0.0, 6.0])]  # variances 2 and 12
+    expected = math.sqrt(0.25 * 2 / 2 + 0.25 * 12 / 3)
+    assert kappa_standard_error(rows, weights, paired=False) == pytest.approx(expected)
+
+
+def _lab_kappa_runs(lab_doc, sampling: str, seeds: int, positions: range) -> np.ndarray:
+    """Kappa [seeds, positions] at K = 4, R = 4, H = 6 with a random student, one document pass per seed."""
+    doc, teacher = lab_doc
+    teacher_runner, student_runner = ModelRunner(teacher, VOCAB), ModelRunner(tiny_llama(VOCAB, seed=1), VOCAB)
+    prompt_length = len(doc.prompt_ids)
+    logprobs = teacher_runner.encode_document(torch.tensor(doc.ids))
+    student_runner.encode_document(torch.tensor(doc.ids))
+    values = np.zeros((seeds, len(positions)))
+    for seed in range(seeds):
+        spread = RolloutSpread()
+        for column, t in enumerate(positions):
+            prefix = prompt_length + t
+            actions = select_actions(logprobs[prefix - 1], 4)
+            values[seed, column] = monte_carlo_kappa(
+                teacher_runner, student_runner, prefix, logprobs[prefix - 1], actions, 4, 6,
+                torch.Generator().manual_seed(1_000 * seed + t), EOS, sampling, spread)["kappa"]
+    return values
+
+
+def test_stratified_kappa_unbiased_with_lower_se_on_lab(lab_doc):
+    positions = range(0, min(12, len(lab_doc[0].response_ids) - 1))
+    plain = _lab_kappa_runs(lab_doc, "independent", 24, positions)
+    stratified = _lab_kappa_runs(lab_doc, "stratified", 24, positions)
+
+    plain_variance, stratified_variance = plain.var(axis=0, ddof=1), stratified.var(axis=0, ddof=1)
+    difference = (stratified.mean(axis=0) - plain.mean(axis=0)).mean()
+    difference_se = math.sqrt((plain_variance + stratified_variance).sum() / 24) / len(positions)
+    se_ratio = math.sqrt(stratified_variance.mean() / plain_variance.mean())
+    print(f"stratified - plain: {difference:.4f} (se {difference_se:.4f}); se ratio {se_ratio:.3f}")
+    assert abs(difference) < 4 * difference_se
+    assert se_ratio < 1.0

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bganalysis.analysis.kappa_sampling import STRATIFIED_HEAD, RolloutSpread, kappa_standard_error, rollout_plan
 from bganalysis.losses import kl_from_logprobs
-from bganalysis.rollout import ModelRunner, rollouts_after_actions
+from bganalysis.rollout import ModelRunner, rollouts_after_tokens
 
 
 def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None) -> torch.Tensor:
@@ -63,26 +64,33 @@ def monte_carlo_kappa(
     horizon: int,
     generator: torch.Generator,
     eos_ids: set[int],
+    sampling: str = "stratified",
+    spread: RolloutSpread | None = None,
 ) -> dict[str, float]:
     """Student-aware Monte-Carlo kappa at one position (both runners hold the document).
 
-    Q(s, a) is the mean over R teacher rollouts of the summed per-state loss of the
-    student over the H states after a. The R rollouts of all K actions use the same
-    uniforms (common random numbers), so each rollout index gives one paired kappa
-    sample and the standard error is the spread of those R samples over sqrt(R).
+    Q(s, a) is the mean over teacher rollouts of the summed per-state loss of the student
+    over the H states after a; `sampling` chooses how the K * R rollouts are drawn (see
+    `rollout_plan`). `spread` carries the sd guesses of stratified allocation from one
+    position to the next; it is updated here. kappa_abs and kappa_spread are computed
+    from the mean Q values.
     """
     weights = action_weights(teacher_logprobs, actions)
-    shared = torch.rand(rollouts, horizon - 1, generator=generator)
-    uniforms = shared.expand(len(actions), rollouts, horizon - 1)
-    sample = rollouts_after_actions(teacher, {"student": student}, prefix_length, actions, uniforms, eos_ids)
+    guess = spread.guess(len(actions)) if spread is not None else None
+    counts, uniforms = rollout_plan(sampling, weights, rollouts, horizon - 1, generator, guess)
+    head = STRATIFIED_HEAD if sampling == "stratified" else 0
+    forced = actions.repeat_interleave(torch.as_tensor(counts))
+    sample = rollouts_after_tokens(teacher, {"student": student}, prefix_length, forced, uniforms, eos_ids, head)
 
-    q_per_rollout = sample.losses["student"].sum(dim=1).double().numpy().reshape(len(actions), rollouts).T
-    per_rollout = kappa_from_q(q_per_rollout, weights)
-    result = {name: float(values.mean()) for name, values in per_rollout.items()}
-    spread = per_rollout["kappa"].std(ddof=1) if rollouts > 1 else float("nan")
-    result["kappa_se"] = float(spread / np.sqrt(rollouts))
+    q_rows = np.split(sample.losses["student"].sum(dim=1).double().numpy(), np.cumsum(counts)[:-1])
+    q = np.array([rows.mean() for rows in q_rows])
+    if spread is not None:
+        spread.add(q_rows)
+    result = {name: float(value) for name, value in kappa_from_q(q, weights).items()}
+    result["kappa_se"] = kappa_standard_error(q_rows, weights, paired=sampling == "common")
     result["actions"] = actions.tolist()
-    result["q"] = q_per_rollout.mean(axis=0).tolist()
+    result["q"] = q.tolist()
+    result["rollouts_per_action"] = counts.tolist()
     return result
 
 

@@ -25,6 +25,7 @@ from bganalysis.analysis.documents import AnalysisDocument, generator_for
 from bganalysis.analysis.details import first_continuation, top_next_tokens
 from bganalysis.analysis.kappa import (action_weights, kappa_from_q, monte_carlo_kappa, select_actions,
                                       teacher_only_kappa, teacher_proxies)
+from bganalysis.analysis.kappa_sampling import KAPPA_SAMPLING, RolloutSpread
 from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
 from bganalysis.analysis.statistics import StepArrays
 from bganalysis.errors import UserError
@@ -54,6 +55,7 @@ class AnalyzeConfig:
     kappa_rollouts: int = 4  # R teacher rollouts per forced action
     kappa_horizon: int = 8  # H states scored after each forced action
     kappa_student: str | None = None  # student whose losses kappa accumulates (default: the first)
+    kappa_sampling: str = "stratified"  # uniforms of the rollouts: stratified, common or independent (plain)
     windows: list[int] = field(default_factory=list)  # W values for windowed EB; empty skips it
     kappa_include_observed: bool = False  # add the observed token to the action set when it is not in the top K
     bridge_fraction: float = 0.3
@@ -83,6 +85,7 @@ class AnalyzeConfig:
             ("bridge_fraction", 0 <= self.bridge_fraction <= 1, "in [0, 1]"),
             ("garden_fraction", 0 <= self.garden_fraction <= 1, "in [0, 1]"),
             ("label_scope", self.label_scope in ("document", "position"), "one of: document, position"),
+            ("kappa_sampling", self.kappa_sampling in KAPPA_SAMPLING, "one of: " + ", ".join(KAPPA_SAMPLING)),
             ("label_ranking", self.label_ranking in ("kappa", "kappa_abs", "kappa_spread"), "one of: kappa, kappa_abs, kappa_spread"),
             ("sample_temperature", self.sample_temperature > 0, "> 0"),
             ("response_temperature", self.response_temperature >= 0, ">= 0 (0 is greedy)"),
@@ -181,7 +184,8 @@ def analyse_document(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocu
         tf[name] = kl_from_logprobs(teacher_logprobs, student_logprobs).double().numpy()
         next_tokens["students"][name] = top_next_tokens(student_logprobs)
 
-    positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs) for t in range(length)]
+    spread = RolloutSpread()  # sd guesses for stratified allocation, from this document's earlier positions
+    positions = [position_kappa(config, setup, index, doc, t, teacher_logprobs, spread) for t in range(length)]
 
     ro, continuations = {}, {}
     uniforms = torch.rand(config.ro_samples, config.max_new_tokens,
@@ -222,7 +226,7 @@ def windowed_losses(config: AnalyzeConfig, setup, runner: ModelRunner, index: in
 
 
 def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocument, t: int,
-                   doc_teacher_logprobs: torch.Tensor) -> dict:
+                   doc_teacher_logprobs: torch.Tensor, spread: RolloutSpread | None = None) -> dict:
     """Proxies and every kappa estimate at response position t (exact kappa on the lab).
 
     `doc_teacher_logprobs` [L, vocab] is the teacher's distribution before each response token.
@@ -237,7 +241,8 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
     generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
     estimate = monte_carlo_kappa(
         setup.teacher, setup.students[setup.kappa_student], len(doc.prompt_ids) + t, teacher_logprobs,
-        actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids,
+        actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids, config.kappa_sampling,
+        spread,
     )
     row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
     row.update({"action_ids": estimate["actions"], "action_q": estimate["q"]})  # loss-to-go per forced action

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--kappa-k", type=int, default=4, help="action set size: the teacher's top-K tokens")
     parser.add_argument("--kappa-rollouts", type=int, default=4, help="teacher rollouts R per forced action")
     parser.add_argument("--kappa-horizon", type=int, default=8, help="states H scored after each forced action")
+    parser.add_argument("--kappa-sampling", choices=["stratified", "common", "independent"], default="stratified",
+                        help="uniforms of the kappa rollouts: a Latin hypercube shared by the K actions (lowest variance), "
+                             "plain uniforms shared by the actions, or independent uniforms per action (plain Monte Carlo)")
     parser.add_argument("--kappa-student", default=argparse.SUPPRESS, help="name of the student whose losses kappa sums (default: the first)")
     parser.add_argument("--windows", type=_windows, default=[], help="comma-separated W values for windowed EB (the student writes W tokens after the teacher prefix up to t - W), e.g. 1,3,5")
     parser.add_argument("--kappa-include-observed", action="store_true", help="add the observed response token to the action set when it is not among the teacher's top K")
