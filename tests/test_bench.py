@@ -2,13 +2,11 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
-from bganalysis.bench.analysis import (BenchSize, _independent_kappa_se, _paired_kappa_se, centred_subset,
-                                       flops_per_token, lab_kappa_spearman, measure_continuation, measure_kappa,
-                                       train_lab_student)
+from bganalysis.bench.analysis import BenchSize, centred_subset, flops_per_token, measure_continuation, measure_kappa
+from bganalysis.bench.lab_validation import lab_validation, train_lab_student
 from bganalysis.cli import build_parser
 from bganalysis.lab import sample_documents
 from tests.helpers import tiny_llama
@@ -93,6 +91,17 @@ def test_bench_size_rejects_too_few_reference_rollouts():
         BenchSize(reference_rollouts=1)
 
 
+def test_bench_size_rejects_one_se_replicate():
+    with pytest.raises(ValueError, match="se_replicates"):
+        BenchSize(se_replicates=1)
+
+
+def test_se_ratio_measured_by_replicates(kappa_result):
+    assert kappa_result["kappa_se_ratio_replicates"] == TINY.se_replicates
+    assert 0.0 < kappa_result["kappa_se_ratio_vs_plain"] < 5.0
+    assert abs(kappa_result["kappa_stratified_minus_plain_in_se"]) < 5.0
+
+
 def test_cli_bench_analysis_help(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["bench", "analysis", "--help"])
@@ -106,16 +115,22 @@ def test_cli_bench_rejects_unknown_target(capsys):
     assert exit_info.value.code == 2
 
 
-def test_lab_spearman_is_finite(tmp_path):
+def test_lab_validation_in_range(tmp_path):
     student = train_lab_student(tmp_path, steps=3, num_docs=16)
-    rho = lab_kappa_spearman(student, tmp_path / "analysis", docs=3, k=2, rollouts=2, horizon=2)
-    assert -1.0 <= rho <= 1.0
+    result = lab_validation(student, tmp_path / "analysis", docs=3, k=2, rollouts=2, horizon=2)
+    for key in ("rho", "teacher_only_rho", "teacher_entropy_rho"):
+        assert -1.0 <= result[key] <= 1.0, key
+    for key in ("bridge_f1", "garden_f1", "exact_bridge_f1", "teacher_only_garden_f1"):
+        assert 0.0 <= result[key] <= 1.0, key
 
 
-def test_common_numbers_cancel_shared_noise():
-    weights = np.array([0.5, 0.3, 0.2])
-    shared_noise = np.random.default_rng(0).normal(size=(8, 1))
-    q = np.array([[1.0, 2.0, 3.0]]) + shared_noise  # every action moves with the same rollout noise
-    _, paired_se = _paired_kappa_se(q, weights)
-    assert paired_se < 1e-12
-    assert _independent_kappa_se(q, weights) > 0.1
+def test_budget_grid_figure_written(tmp_path):
+    import pandas as pd
+
+    from bganalysis.analysis.validation_figures import plot_budget_grid
+
+    frame = pd.DataFrame([{"kappa_k": k, "kappa_rollouts": r, "kappa_horizon": 8, "rho": 0.8 + 0.01 * r,
+                           "bridge_f1": 0.9, "garden_f1": 0.85} for k in (2, 4) for r in (2, 4)])
+    plot_budget_grid(frame, tmp_path)
+    assert (tmp_path / "rho_vs_budget.png").stat().st_size > 0
+    assert (tmp_path / "rho_vs_budget.svg").stat().st_size > 0

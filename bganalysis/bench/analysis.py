@@ -10,8 +10,9 @@ loss values agree up to float rounding, unless rounding flips a draw (see
 - the own-continuation part of exposure bias: `sample_continuation` by the student
   plus teacher scoring, against `reference.reference_continuation` plus a full teacher
   forward per step, in seconds per continuation of `eb_new_tokens` tokens;
-- the standard error of kappa with common random numbers across the K actions (what
-  the engine does) over the one with independent uniforms per action, at equal calls;
+- the standard error of the variance-reduced (stratified) kappa estimator over the one
+  of plain Monte Carlo (independent uniforms, R rollouts per action), at equal model
+  calls, measured from independent replicates of each estimator (see `measure_se_ratio`);
 - the Spearman rho of Monte-Carlo kappa against the exact kappa on the lab;
 - the engine's tokens/s against a FLOP-count bound for this machine.
 
@@ -33,7 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bganalysis.analysis.kappa import action_weights, kappa_from_q, select_actions
+from bganalysis.analysis.kappa import action_weights, kappa_from_q, monte_carlo_kappa, select_actions
+from bganalysis.analysis.kappa_sampling import RolloutSpread, kappa_standard_error
 from bganalysis.losses import kl_from_logprobs
 from bganalysis.reference import next_logprobs, reference_continuation, reference_rollouts
 from bganalysis.rollout import ModelRunner, rollouts_after_actions, sample_continuation
@@ -42,8 +44,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[2].parent / "shared" / "benchmarks" / "humaneval" / "HumanEval.jsonl.gz"
 DEFAULT_TEACHER_CACHE = Path("~/.cache/bganalysis/smollm2").expanduser()
-GRID_ROLLOUTS = (2, 4, 8)
-GRID_ACTIONS = (2, 4, 8)
 
 
 @dataclass(frozen=True)
@@ -60,24 +60,28 @@ class BenchSize:
     eb_new_tokens: int = 64
     eb_engine_rows: int = 4
     eb_reference_rows: int = 2
-    lab_docs: int = 20
-    lab_train_steps: int = 600
-    lab_k: int = 4
+    lab_docs: int = 40  # the documented lab validation budget (docs/lab.md)
+    lab_train_steps: int = 3000
+    lab_k: int = 2
+    lab_grid_docs: int = 20  # lab prompts per cell of the R x K grid
     lab_rollouts: int = 4
     lab_horizon: int = 8
-    grid: bool = True  # rho over GRID_ROLLOUTS x GRID_ACTIONS on the lab
+    grid: bool = True  # lab validation over lab_validation.GRID_ROLLOUTS x GRID_ACTIONS
+    se_replicates: int = 4  # independent replicates per position and estimator for the se ratio (>= 2)
 
     def __post_init__(self):
         if not 2 <= self.reference_rollouts <= self.kappa_rollouts:
             raise ValueError(f"reference_rollouts {self.reference_rollouts} is invalid: it must be in "
                              f"[2, kappa_rollouts={self.kappa_rollouts}] (the standard error needs two rollouts)")
+        if self.se_replicates < 2:
+            raise ValueError(f"se_replicates {self.se_replicates} is invalid: it must be >= 2 (a variance needs two)")
         if not 1 <= self.reference_positions <= self.engine_positions:
             raise ValueError(f"reference_positions {self.reference_positions} is invalid: it must be in "
                              f"[1, engine_positions={self.engine_positions}]")
 
 
 QUICK = BenchSize(engine_positions=6, reference_positions=1, reference_rollouts=2, eb_engine_rows=4,
-                  eb_reference_rows=1, grid=False)
+                  eb_reference_rows=1, grid=False, se_replicates=3, lab_docs=20, lab_train_steps=600)
 
 
 def matmul_gflops(size: int = 1024, min_seconds: float = 0.5) -> float:
@@ -111,14 +115,8 @@ def centred_subset(count: int, total: int) -> list[int]:
 
 def _paired_kappa_se(q: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
     """Kappa and its standard error from per-rollout Q [R, K] under common random numbers."""
-    per_rollout = kappa_from_q(q, weights)["kappa"]
-    return float(per_rollout.mean()), float(per_rollout.std(ddof=1) / math.sqrt(len(per_rollout)))
-
-
-def _independent_kappa_se(q: np.ndarray, weights: np.ndarray) -> float:
-    """Standard error of kappa = sum_a c_a Q_a from Q [R, K] drawn with independent uniforms per action."""
-    coefficients = 1.0 - len(weights) * weights
-    return float(math.sqrt((coefficients**2 * q.var(axis=0, ddof=1)).sum() / q.shape[0]))
+    kappa = float(kappa_from_q(q.mean(axis=0), weights)["kappa"])
+    return kappa, kappa_standard_error(list(q.T), weights, paired=True)
 
 
 def _q_per_rollout(losses: torch.Tensor, num_actions: int, rollouts: int) -> np.ndarray:
@@ -138,8 +136,6 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
     prefixes = np.unique(np.linspace(max(1, len(ids) * 3 // 4), len(ids), size.engine_positions).round().astype(int))
     positions, encode_seconds, rollout_seconds = _engine_kappa(teacher, student, ids, prefixes.tolist(), size,
                                                                eos_ids, vocab_size, seed)
-    crn_variance = np.mean([_paired_kappa_se(p["q"], p["weights"])[1] ** 2 for p in positions])
-    independent_variance = np.mean([_independent_kappa_se(p["q_independent"], p["weights"]) ** 2 for p in positions])
     engine_seconds = encode_seconds + rollout_seconds
     # Each runner reads the document once, then feeds H + 1 tokens a row (the last prefix token and H more).
     tokens_per_model = len(ids) + len(positions) * k * r * (h + 1)
@@ -159,7 +155,7 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
         "kappa_speedup_vs_reference": reference_per_position / engine_per_position,
         "kappa_max_abs_diff_vs_reference_in_se": reference["max_diff_in_se"],
         "kappa_identical_rollouts_vs_reference": reference["identical_fraction"],
-        "kappa_se_ratio_vs_plain": float(math.sqrt(crn_variance / independent_variance)),
+        **measure_se_ratio(teacher, student, ids, positions, size, eos_ids, vocab_size, seed),
         "tokens_per_second": tokens_per_second,
         **flop_bound(teacher, student, tokens_per_second),
     }
@@ -167,7 +163,7 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
 
 def _engine_kappa(teacher, student, ids: list[int], prefixes: list[int], size: BenchSize, eos_ids: set[int],
                   vocab_size: int, seed: int) -> tuple[list[dict], float, float]:
-    """Run the engine at each prefix twice: common uniforms across actions (timed), then independent ones.
+    """Run the engine at each prefix with uniforms shared across actions (timed), as the reference will.
 
     Returns per-position records, the encode seconds and the timed rollout seconds.
     """
@@ -185,18 +181,53 @@ def _engine_kappa(teacher, student, ids: list[int], prefixes: list[int], size: B
         actions = select_actions(teacher_logprobs[prefix - 1], k)
         weights = action_weights(teacher_logprobs[prefix - 1], actions)
         shared = torch.rand(r, h - 1, generator=generator).expand(len(actions), r, h - 1)
-        independent = torch.rand(len(actions), r, h - 1, generator=generator)
 
         start = time.perf_counter()
         sample = rollouts_after_actions(teacher_runner, {"s": student_runner}, prefix, actions, shared, eos_ids)
         rollout_seconds += time.perf_counter() - start
-        plain = rollouts_after_actions(teacher_runner, {"s": student_runner}, prefix, actions, independent, eos_ids)
 
         positions.append({"prefix": prefix, "actions": actions, "weights": weights, "uniforms": shared,
-                          "tokens": sample.tokens.reshape(len(actions), r, h),
-                          "q": _q_per_rollout(sample.losses["s"], len(actions), r),
-                          "q_independent": _q_per_rollout(plain.losses["s"], len(actions), r)})
+                          "logprobs": teacher_logprobs[prefix - 1], "tokens": sample.tokens.reshape(len(actions), r, h),
+                          "q": _q_per_rollout(sample.losses["s"], len(actions), r)})
     return positions, encode_seconds, rollout_seconds
+
+
+def measure_se_ratio(teacher, student, ids: list[int], positions: list[dict], size: BenchSize, eos_ids: set[int],
+                     vocab_size: int, seed: int = 0) -> dict:
+    """Compare the stratified kappa estimator with plain Monte Carlo at K * R rollouts each, by replicates.
+
+    Plain Monte Carlo (independent uniforms, R rollouts per action) has variance
+    sum_a c_a^2 var(Q_a) / R exactly, so one batch of `se_replicates` * R rollouts per
+    action estimates it. The stratified estimator's rollouts are not independent, so its
+    variance is measured as the spread of `se_replicates` independent runs; each run
+    carries its own `RolloutSpread` from position to position, as the analysis does in a
+    document. The ratio is sqrt(mean variance stratified / mean variance plain) over the
+    positions, the RMS standard error ratio. The mean difference of the two estimators,
+    in units of its standard error, checks that the stratified one is unbiased.
+    """
+    k, r, h, g = size.kappa_k, size.kappa_rollouts, size.kappa_horizon, size.se_replicates
+    teacher_runner, student_runner = ModelRunner(teacher, vocab_size), ModelRunner(student, vocab_size)
+    teacher_runner.encode_document(torch.tensor(ids))
+    student_runner.encode_document(torch.tensor(ids))
+    spreads = [RolloutSpread() for _ in range(g)]
+    plain_variances, stratified_variances, differences = [], [], []
+    for index, position in enumerate(tqdm(positions, desc="kappa se ratio", unit="position")):
+        prefix, actions, weights = position["prefix"], position["actions"], position["weights"]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + 7 + index)
+        plain = monte_carlo_kappa(teacher_runner, student_runner, prefix, position["logprobs"], actions, g * r, h,
+                                  generator, eos_ids, sampling="independent")
+        plain_variances.append(g * plain["kappa_se"] ** 2)  # the variance at R rollouts per action
+        runs = [monte_carlo_kappa(teacher_runner, student_runner, prefix, position["logprobs"], actions, r, h,
+                                  generator, eos_ids, sampling="stratified", spread=spreads[replicate])["kappa"]
+                for replicate in range(g)]
+        stratified_variances.append(float(np.var(runs, ddof=1)))
+        differences.append((float(np.mean(runs)) - plain["kappa"],
+                            plain["kappa_se"] ** 2 + stratified_variances[-1] / g))
+    difference = sum(d for d, _ in differences) / len(differences)
+    difference_se = math.sqrt(sum(v for _, v in differences)) / len(differences)
+    return {"kappa_se_ratio_vs_plain": math.sqrt(np.mean(stratified_variances) / np.mean(plain_variances)),
+            "kappa_se_ratio_replicates": g,
+            "kappa_stratified_minus_plain_in_se": difference / difference_se if difference_se > 0 else 0.0}
 
 
 def flop_bound(teacher, student, tokens_per_second: float) -> dict:
@@ -294,60 +325,6 @@ def measure_continuation(teacher, student, ids: list[int], size: BenchSize, eos_
     }
 
 
-def train_lab_student(out: Path, steps: int, seed: int = 0, num_docs: int = 2000) -> Path:
-    """Train a hard-label student on `num_docs` lab documents for `steps` steps; return its folder."""
-    from bganalysis.train import TrainConfig, train
-
-    return train(TrainConfig(method="hard", teacher="lab", data="lab", steps=steps, num_docs=num_docs, seed=seed,
-                             out=str(out), name="hard", device="cpu"))
-
-
-def lab_kappa_spearman(student: Path, out: Path, docs: int, k: int, rollouts: int, horizon: int, seed: int = 0) -> float:
-    """Spearman rho of Monte-Carlo kappa against the exact lab kappa, from `run_analysis` on lab prompts."""
-    from bganalysis.analysis.pipeline import AnalyzeConfig, run_analysis
-
-    config = AnalyzeConfig(teacher="lab", students=[str(student)], out=str(out), num_lab_docs=docs, kappa_k=k,
-                           kappa_rollouts=rollouts, kappa_horizon=horizon, ro_samples=1, bootstrap=10,
-                           heatmap_docs=0, seed=seed, force=True)
-    return float(run_analysis(config)["kappa_spearman_vs_exact"])
-
-
-def rho_grid(student: Path, out: Path, size: BenchSize, seed: int = 0) -> list[dict]:
-    """Rho against exact kappa for every R in GRID_ROLLOUTS and K in GRID_ACTIONS; writes CSV and figure."""
-    import pandas as pd
-
-    from bganalysis.io import atomic_write_text
-
-    rows = []
-    for rollouts in GRID_ROLLOUTS:
-        for k in GRID_ACTIONS:
-            log.info("lab grid: K=%d, R=%d", k, rollouts)
-            rho = lab_kappa_spearman(student, out / "lab" / f"k{k}_r{rollouts}", size.lab_docs, k, rollouts,
-                                     size.lab_horizon, seed)
-            rows.append({"kappa_k": k, "kappa_rollouts": rollouts, "kappa_horizon": size.lab_horizon, "rho": rho})
-    frame = pd.DataFrame(rows)
-    atomic_write_text(out / "rho_vs_budget.csv", frame.to_csv(index=False))
-    _plot_rho_grid(frame, out)
-    return rows
-
-
-def _plot_rho_grid(frame, out: Path) -> None:
-    from bganalysis.analysis.figures import _pyplot, _save
-
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    for k, group in frame.groupby("kappa_k"):
-        axes.plot(group["kappa_rollouts"], group["rho"], marker="o", label=f"K = {k}")
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(list(GRID_ROLLOUTS), [str(r) for r in GRID_ROLLOUTS])
-    axes.set_xlabel("rollouts R per action")
-    axes.set_ylabel("Spearman rho vs exact kappa")
-    axes.set_title(f"Lab: Monte-Carlo kappa against exact (H = {int(frame['kappa_horizon'].iloc[0])})")
-    axes.legend()
-    _save(figure, out, "rho_vs_budget")
-    plt.close(figure)
-
-
 def resolve_teacher(path: str | None) -> Path:
     """Return the SmolLM2 teacher folder: `path`, or a converted copy in DEFAULT_TEACHER_CACHE."""
     from bganalysis.models import import_gguf, smollm2_gguf_path
@@ -408,11 +385,15 @@ def run_bench(teacher: str | None, prompts: str | None, out: str, size: BenchSiz
     result.update(measure_continuation(teacher_model, student_model, continuation_prompt, size, eos_ids, vocab_size, seed))
     del teacher_model, student_model
 
+    from bganalysis.bench.lab_validation import lab_validation, rho_grid, train_lab_student
+
     lab_student = train_lab_student(out_dir / "lab", size.lab_train_steps, seed)
-    result["kappa_spearman_vs_exact"] = lab_kappa_spearman(lab_student, out_dir / "lab" / "main", size.lab_docs,
-                                                           size.lab_k, size.lab_rollouts, size.lab_horizon, seed)
+    lab = lab_validation(lab_student, out_dir / "lab" / "main", size.lab_docs, size.lab_k, size.lab_rollouts,
+                         size.lab_horizon, seed)
+    result["kappa_spearman_vs_exact"] = lab.pop("rho")
+    result.update({f"lab_{key}": value for key, value in lab.items()})
     result.update({"lab_k": size.lab_k, "lab_rollouts": size.lab_rollouts, "lab_horizon": size.lab_horizon,
-                   "lab_docs": size.lab_docs})
+                   "lab_docs": size.lab_docs, "lab_train_steps": size.lab_train_steps})
     if size.grid:
         grid = rho_grid(lab_student, out_dir, size, seed)
         result["rho_grid"] = {f"K{row['kappa_k']}_R{row['kappa_rollouts']}": row["rho"] for row in grid}
