@@ -51,6 +51,8 @@ def run_benchmark(lm, configs: list[dict], settings: LmEvalSettings) -> tuple[li
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    if settings.limit is not None and settings.limit < len(configs):
+        configs = configs[:settings.limit]  # round-robin takes one item from each of the first `limit` subtasks
     manager = TaskManager(include_defaults=False)
     tasks = load_tasks(configs, manager)  # loaded once: the sizes need them, and simple_evaluate reuses them
     names = [config["task"] for config in configs]
