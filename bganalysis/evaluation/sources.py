@@ -71,7 +71,7 @@ def model_hash(model, tokenizer) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         tensor = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(torch.uint8).numpy() if tensor.numel() else b"")  # a buffer: no copy
     digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     return digest.hexdigest()[:16]
