@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load weights in this dtype "
                         "(default: as stored)")
-    parser.add_argument("--batch-size", default="8", help="lm-eval batch size: an integer or auto (lm-eval probes the largest that fits)")
+    parser.add_argument("--batch-size", default="8", help="lm-eval batch size: an integer, or auto to let lm-eval probe the largest that fits (meant for GPUs: its probe runs full-length batches, which can exhaust CPU memory)")
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--apply-chat-template", dest="chat_template", action="store_true", default=None,
                       help="wrap prompts in the tokenizer's chat template (default: when it has one)")
