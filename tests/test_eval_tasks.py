@@ -87,3 +87,22 @@ def test_spread_indices_round_robin():
 def test_task_files_state_a_version():
     for path in (CONFIG_DIR / "tasks").glob("*.yaml"):
         assert "metadata:\n  version:" in path.read_text(), path
+
+
+def test_online_configs_use_the_hub_datasets_of_lm_eval_tasks():
+    bbh = task_configs("bbh", TEMPLATES["bbh"], None, 8)
+    assert len(bbh) == 27 and {c["dataset_path"] for c in bbh} == {"SaylorTwift/bbh"}
+    assert all(len(c["fewshot_config"]["samples"]) == 3 for c in bbh)
+    local = {c["task"]: c for c in _configs("bbh")}
+    assert [c["task"] for c in bbh] == list(local)  # the same 27 tasks offline and online
+    mmlu = task_configs("mmlu", TEMPLATES["mmlu"], None, 8)
+    assert len(mmlu) == 57 and mmlu[0]["dataset_path"] == "cais/mmlu" and mmlu[0]["dataset_name"] == "abstract_algebra"
+    assert task_configs("arc_challenge", TEMPLATES["arc_challenge"], None, 8)[0]["dataset_name"] == "ARC-Challenge"
+    assert task_configs("theoremqa", TEMPLATES["theoremqa"], None, 8)[0]["dataset_path"] == "TIGER-Lab/TheoremQA"
+
+
+def test_offline_bbh_prompt_equals_lm_eval_online_prompt():
+    online = task_configs("bbh", TEMPLATES["bbh"], None, 8)
+    for remote, local in zip(online, _configs("bbh")):
+        assert local["description"] == remote["description"], local["task"]
+        assert local["fewshot_config"]["samples"] == remote["fewshot_config"]["samples"], local["task"]
