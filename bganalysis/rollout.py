@@ -61,16 +61,19 @@ class ModelRunner:
         self._document_cache = _output_cache(output) if self.use_cache else None
         return self._logprobs(output.logits[0])
 
-    def rows_from_prefix(self, prefix_length: int, n: int) -> Rows:
+    def rows_from_prefix(self, prefix_length: int, n: int, whole: bool = False) -> Rows:
         """Return n rows holding the first `prefix_length` tokens of the encoded document.
 
         With a KV cache the rows carry the cache of the first `prefix_length - 1` tokens, so
-        feeding the last prefix token (or a block starting with it) costs one step.
+        feeding the last prefix token (or a block starting with it) costs one step and
+        returns the distribution after the prefix too. With `whole`, the cache covers the
+        whole prefix, which saves that step for callers that append a block and need only
+        the distributions after its tokens (`extend` without `keep`, never with `block=None`).
         """
         tokens = self._document[:prefix_length].expand(n, prefix_length)
         cache = None
         if self.use_cache:
-            cache = _slice_cache(self._document_cache, prefix_length - 1, n)
+            cache = _slice_cache(self._document_cache, prefix_length if whole else prefix_length - 1, n)
         return Rows(tokens=tokens.clone(), cache=cache)
 
     @torch.no_grad()
@@ -240,7 +243,7 @@ def rollouts_after_tokens(
     token ([n, H]).
     """
     n, draws = uniforms.shape
-    rows = teacher.rows_from_prefix(prefix_length, n)
+    rows = teacher.rows_from_prefix(prefix_length, n, whole=True)
     tokens = forced[:, None]
     teacher_logprobs = [teacher.extend(rows, tokens)[:, -1]]
     for k in range(draws):
@@ -252,7 +255,7 @@ def rollouts_after_tokens(
     alive = alive_mask(tokens, eos_ids, include_current=True)
     losses = {}
     for name, runner in students.items():
-        student_rows = runner.rows_from_prefix(prefix_length, n)
+        student_rows = runner.rows_from_prefix(prefix_length, n, whole=True)
         student_logprobs = runner.extend(student_rows, tokens)  # the states after each of the H tokens
         kl = kl_from_logprobs(teacher_logprobs, student_logprobs)
         losses[name] = torch.where(alive, kl, torch.zeros_like(kl))

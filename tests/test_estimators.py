@@ -38,8 +38,11 @@ def test_select_actions_appends_missing_observed():
     assert select_actions(logprobs, 2, observed=1).tolist() == [0, 1]
 
 
-def test_teacher_only_kappa_matches_full_forwards(lab_doc):
+@pytest.mark.parametrize("cached", [False, True])
+def test_teacher_only_kappa_matches_full_forwards(lab_doc, cached):
     doc, teacher = lab_doc
+    if cached:  # a KV-cached teacher takes the whole-prefix cache path
+        teacher = tiny_llama(VOCAB, seed=8)
     runner = ModelRunner(teacher, VOCAB)
     prompt_length = len(doc.prompt_ids)
     doc_logprobs = runner.encode_document(torch.tensor(doc.ids))[prompt_length - 1:prompt_length - 1 + len(doc.response_ids)]

@@ -51,9 +51,11 @@ def test_alive_mask_conventions():
 
 
 @pytest.mark.parametrize("head", [0, 5])
-def test_rollouts_match_reference_with_kv_cache(head):
+@pytest.mark.parametrize("cached_teacher", [False, True])
+def test_rollouts_match_reference_with_kv_cache(head, cached_teacher):
     ids, prompt_length = _document()
-    teacher, student = LabTeacher(), tiny_llama(VOCAB, seed=1)
+    teacher = tiny_llama(VOCAB, seed=5, layers=3) if cached_teacher else LabTeacher()
+    student = tiny_llama(VOCAB, seed=1)
     prefix_length = prompt_length + 3
     actions = torch.tensor([7, 2, 12])
     uniforms = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(0))

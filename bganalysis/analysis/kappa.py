@@ -116,7 +116,7 @@ def teacher_only_kappa(
     if horizon == 0:
         return {"kappa": 0.0, "kappa_abs": 0.0, "kappa_spread": 0.0}
     block = torch.cat([actions[:, None], torch.tensor(continuation, dtype=torch.long).expand(len(actions), horizon - 1)], dim=1)
-    rows = teacher.rows_from_prefix(prefix_length, len(actions))
+    rows = teacher.rows_from_prefix(prefix_length, len(actions), whole=True)
     swapped = teacher.extend(rows, block)  # [K, h, vocab]: the states after each block token
     q = kl_from_logprobs(original_logprobs.expand_as(swapped), swapped).sum(dim=1).double().numpy()
     q[np.isin(actions.numpy(), sorted(eos_ids))] = 0.0

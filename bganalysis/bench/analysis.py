@@ -137,8 +137,9 @@ def measure_kappa(teacher, student, ids: list[int], size: BenchSize, eos_ids: se
     positions, encode_seconds, rollout_seconds = _engine_kappa(teacher, student, ids, prefixes.tolist(), size,
                                                                eos_ids, vocab_size, seed)
     engine_seconds = encode_seconds + rollout_seconds
-    # Each runner reads the document once, then feeds H + 1 tokens a row (the last prefix token and H more).
-    tokens_per_model = len(ids) + len(positions) * k * r * (h + 1)
+    # Each runner reads the document once, then feeds H tokens a row (the forced action and H - 1 more):
+    # the rows start from the cache of the whole prefix.
+    tokens_per_model = len(ids) + len(positions) * k * r * h
     tokens_per_second = 2 * tokens_per_model / engine_seconds
 
     compared = [positions[i] for i in centred_subset(min(size.reference_positions, len(positions)), len(positions))]
