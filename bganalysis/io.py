@@ -145,14 +145,17 @@ def _parse_prompt_line(path: Path, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise UserError(f"{path}:{number}: malformed JSON ({error.msg}); each line must be one JSON object") from None
+        raise UserError(f"{path}:{number}: malformed JSON ({error.msg}); fix the line so that it is one JSON object "
+                        "such as {\"prompt\": \"...\"}") from None
     if not isinstance(record, dict):
-        raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}")
+        raise UserError(f"{path}:{number}: expected a JSON object, found {type(record).__name__}; "
+                        "fix the line so that it is one object such as {\"prompt\": \"...\"}")
     prompt = record.get("prompt")
     if not isinstance(prompt, str):
-        raise UserError(f"{path}:{number}: missing the string field \"prompt\"; each line needs {{\"prompt\": \"...\"}}")
+        raise UserError(f"{path}:{number}: missing the string field \"prompt\"; add one, as in {{\"prompt\": \"...\"}}")
     response = record.get("response")
     if response is not None and not isinstance(response, str):
-        raise UserError(f"{path}:{number}: field \"response\" must be a string, found {type(response).__name__}")
+        raise UserError(f"{path}:{number}: field \"response\" must be a string, found {type(response).__name__}; "
+                        "make it a string or remove it")
     doc_id = record.get("id", record.get("task_id", f"line{number}"))
     return {"id": str(doc_id), "prompt": prompt, "response": response, "sample": record.get("sample")}

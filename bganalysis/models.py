@@ -14,7 +14,9 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import re
+import struct
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -175,7 +177,7 @@ def import_gguf(gguf_file, out_dir) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
+    except (OSError, ValueError, RuntimeError, KeyError, EOFError, struct.error) as error:  # struct: a cut-off file
         raise UserError(
             f"GGUF file {gguf_file} could not be loaded by transformers ({_first_line(error)}); "
             "check that its architecture is one transformers reads from GGUF (llama, qwen2, mistral, ...)"
@@ -248,6 +250,11 @@ def _model_source(path: str, what: str) -> Path | str:
             )
         raise UserError(f"{what} {path} is a file; pass the model folder that contains config.json")
     if local.is_dir():
+        try:
+            os.listdir(local)
+        except PermissionError:
+            raise UserError(f"{what} folder {path} cannot be read (permission denied); give yourself read access "
+                            f"(chmod -R u+rX {path}) or pass another folder") from None
         return local
     if looks_like_local_path(path):
         raise UserError(f"{what} not found: no such folder {path}; check the path")
@@ -347,8 +354,12 @@ def _check_gguf_file(path: Path) -> Path:
 
 
 def _has_gguf_magic(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4) == b"GGUF"
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except PermissionError:
+        raise UserError(f"{path} cannot be read (permission denied); give yourself read access "
+                        f"(chmod u+r {path}) or pass another file") from None
 
 
 def _parse_device(device: str):

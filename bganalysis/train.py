@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
 import time
@@ -40,7 +39,7 @@ __all__ = ["DTYPES", "HARD_TARGETS", "METHOD_LAMBDA", "METHODS", "TrainConfig", 
 logger = logging.getLogger(__name__)
 
 # Settings that may change between an interrupted run and its --resume.
-RESUMABLE_CHANGES = ("resume", "log_every", "report_to", "device", "save_every")
+RESUMABLE_CHANGES = ("resume", "force", "log_every", "report_to", "device", "save_every")
 
 
 def train(config: TrainConfig, callbacks: tuple = ()) -> Path:
@@ -56,6 +55,8 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> Path:
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     trainer, stopper = make_trainer(config, run_dir, callbacks)
+    if checkpoint is None:
+        _start_run_dir(config, run_dir)
     tokenizer = trainer.processing_class
     with stopper:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -87,21 +88,14 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> Path:
 def _prepare_run_dir(config: TrainConfig, run_dir: Path):
     """Check the checkpoint folder against `config.resume`; return the checkpoint to resume from, or None."""
     import yaml
-    from transformers.trainer_utils import get_last_checkpoint
-
     saved_path = run_dir / "train_config.yaml"
-    checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    checkpoint = _last_complete_checkpoint(run_dir)
     if not config.resume:
         if checkpoint is not None:
             raise UserError(f"{run_dir} holds checkpoints of an unfinished run; pass --resume to continue it, "
                             f"or delete {run_dir} to start over")
-        if int(os.environ.get("RANK", "0")) != 0:
-            return None  # one process of a multi-process launch prepares the folder
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved_path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-        atomic_write_text(run_dir / "train_log.jsonl", "")
-        return None
+        _check_finished_student(config, Path(config.out) / "students" / config.name)
+        return None  # the folder is written by _start_run_dir, once teacher, student and data have loaded
     if checkpoint is None:
         raise UserError(f"--resume was given but {run_dir} has no checkpoint; run without --resume to start training")
     saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
@@ -120,10 +114,67 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path):
     return Path(checkpoint)
 
 
+def _check_finished_student(config: TrainConfig, folder: Path) -> None:
+    """Raise UserError when `folder` holds a student trained with other settings, unless `config.force`."""
+    import yaml
+
+    saved_path = folder / "train_config.yaml"
+    if config.force or not saved_path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    current = dataclasses.asdict(config)
+    if not isinstance(saved, dict):
+        changed = ["train_config.yaml is unreadable"]
+    else:
+        changed = [f"{key}={saved.get(key)!r} -> {current[key]!r}" for key in sorted(current)
+                   if key not in (*RESUMABLE_CHANGES, "out") and saved.get(key) != current[key]]
+    if changed:
+        raise UserError(f"{folder} holds a student trained with other settings ({', '.join(changed)}); pass --force "
+                        "to replace it, or choose another --out or --name")
+
+
+def _start_run_dir(config: TrainConfig, run_dir: Path) -> None:
+    """Create the checkpoint folder of a new run with its settings and an empty log."""
+    import yaml
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one process of a multi-process launch prepares the folder
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "train_config.yaml", yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    atomic_write_text(run_dir / "train_log.jsonl", "")
+
+
+def _last_complete_checkpoint(run_dir: Path) -> str | None:
+    """Return the latest checkpoint whose trainer_state.json (the file the Trainer saves last) exists.
+
+    A process killed while saving leaves a checkpoint folder without it, which cannot be resumed.
+    """
+    if not run_dir.is_dir():
+        return None
+    steps = [int(path.name.split("-")[-1]) for path in run_dir.glob("checkpoint-*")
+             if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()]
+    return str(run_dir / f"checkpoint-{max(steps)}") if steps else None
+
+
 def _read_log(path: Path) -> list[dict]:
+    """Read train_log.jsonl; a last line cut off by a killed process is dropped."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number < len(lines) - 1:
+                raise
+    return records
 
 
 def make_trainer(config: TrainConfig, run_dir: Path, callbacks: tuple = ()):
@@ -356,11 +407,9 @@ def _soft_weights(config: TrainConfig, vocab_size: int):
 
 
 def _config_yaml(config: TrainConfig, student, final: dict, started: str) -> str:
-    import torch
-    import transformers
     import yaml
 
-    import bganalysis
+    from bganalysis.provenance import provenance
 
     values = dataclasses.asdict(config)
     values["provenance"] = {
@@ -371,12 +420,7 @@ def _config_yaml(config: TrainConfig, student, final: dict, started: str) -> str
         "final_log": final,
         "started": started,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "versions": {
-            "bganalysis": bganalysis.__version__,
-            "torch": str(torch.__version__),
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": provenance(),  # package versions, the git commit of bganalysis, the platform
     }
     header = "# Resolved settings of this training run. Pass it as --recipe to repeat the run.\n"
     return header + yaml.safe_dump(values, sort_keys=False)
