@@ -132,3 +132,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_dir, tmp_path, capsys, ar
 def test_missing_model_is_one_line(tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "eval")]) == 2
     assert "not found" in capsys.readouterr().err and not (tmp_path / "eval").exists()
+
+
+def test_code_generation_does_not_chain_stop_criteria(tmp_path):
+    """evalplus's stop-string hook, left on the model, cut later generations after one token."""
+    from bganalysis.evaluation.code_runner import CodeSettings, generate
+
+    model, tokenizer = tiny_byte_model()
+    short = {"task_id": "t/0", "prompt": "def f(x):\n", "entry_point": "f"}
+    # After the short prompt's length, this prompt contains "\ndef ", a stop string of direct completion.
+    long = {"task_id": "t/1", "prompt": "import os\nimport sys\n\n\ndef g(x):\n    \"\"\"Return x.\"\"\"\n",
+            "entry_point": "g"}
+    settings = CodeSettings("humaneval", None, False, 8)
+    alone = generate(model, tokenizer, [long], settings, tmp_path / "alone.jsonl")[0]
+    after = generate(model, tokenizer, [short, long], settings, tmp_path / "after.jsonl")[1]
+    assert len(alone["generation"]) > 1
+    assert after["generation"] == alone["generation"]
+    assert "_get_stopping_criteria" not in vars(model)

@@ -7,6 +7,9 @@ For each benchmark the same items are run twice with SmolLM2-135M-Instruct:
 - directly: `lm_eval.simple_evaluate` on the same task configs and item indices, or
   evalplus's `codegen` with the same decoder followed by `evalplus.evaluate.evaluate`
   in a plain child process (evalplus's own per-sample isolation, no sandbox layer).
+  Both code paths reset evalplus's stop-string hook after each prompt
+  (`code_runner.fresh_stopping_criteria`); without it the direct path would stop
+  generations early and do less work.
 
 Reported: items per second through our path, and wall-time ratios ours / direct per
 benchmark and per engine (target <= 1.1). Datasets are loaded once before timing, so
@@ -133,7 +136,7 @@ def _time_evalplus(model, tokenizer, benchmark, data: Path, items: int, max_new_
     import evalplus.data.humaneval
     import evalplus.data.mbpp
 
-    from bganalysis.evaluation.code_runner import OVERRIDE_VARIABLES, load_problems, make_decoder
+    from bganalysis.evaluation.code_runner import OVERRIDE_VARIABLES, fresh_stopping_criteria, load_problems, make_decoder
 
     problems = load_problems(benchmark.dataset, data, items)
     with tempfile.TemporaryDirectory() as folder:
@@ -146,6 +149,13 @@ def _time_evalplus(model, tokenizer, benchmark, data: Path, items: int, max_new_
         try:
             started = time.perf_counter()
             decoder = make_decoder(model, tokenizer, benchmark.dataset, tokenizer.chat_template is not None, max_new_tokens)
+            codegen = decoder.codegen
+
+            def one_call(*args, **kwargs):  # the same stop-criteria reset as our path, so both do the same work
+                with fresh_stopping_criteria(model):
+                    return codegen(*args, **kwargs)
+
+            decoder.codegen = one_call
             evalplus.codegen.codegen(str(samples), decoder, benchmark.dataset, greedy=True)
             code = ("from evalplus.evaluate import evaluate; import os; "
                     f"evaluate({benchmark.dataset!r}, samples={str(samples)!r}, parallel=2); os._exit(0)")

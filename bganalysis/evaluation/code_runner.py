@@ -101,7 +101,8 @@ def generate(model, tokenizer, problems: list[dict], settings: CodeSettings, pat
     with open(path, "a", encoding="utf-8") as handle:
         for problem in tqdm(todo, desc=f"generate {settings.dataset}", unit="task", disable=not todo):
             prompt = problem["prompt"].strip() + "\n"  # as evalplus.codegen
-            output = decoder.codegen(prompt, do_sample=False, num_samples=1)[0]
+            with fresh_stopping_criteria(model):
+                output = decoder.codegen(prompt, do_sample=False, num_samples=1)[0]
             solution = prompt + output if decoder.is_direct_completion() else output
             shown = prompt if decoder.is_direct_completion() else make_raw_chat_prompt(
                 prompt, INSTRUCTION_PREFIX, RESPONSE_PREFIX, tokenizer)
@@ -111,6 +112,29 @@ def generate(model, tokenizer, problems: list[dict], settings: CodeSettings, pat
             handle.flush()
             done[row["task_id"]] = row
     return [done[problem["task_id"]] for problem in problems]
+
+
+@contextlib.contextmanager
+def fresh_stopping_criteria(model):
+    """Undo the stop-string hook that evalplus's decoder installs on `model` for one call.
+
+    evalplus 0.3.1 wraps `model._get_stopping_criteria` with stop_sequencer on every
+    `codegen` call and never unwraps it. On a model that serves many prompts the
+    wrappers chain: each call keeps the criteria of all earlier prompts, with their
+    prompt lengths. A criterion from a shorter earlier prompt reads the end of the
+    current prompt as generated text, sees a stop string there ("\\ndef ", a closing
+    code fence) and ends the generation after one token; the chain also slows every
+    step. Restoring the method after each call gives every prompt only its own criterion.
+    """
+    had_own = "_get_stopping_criteria" in vars(model)
+    original = vars(model).get("_get_stopping_criteria")
+    try:
+        yield
+    finally:
+        if had_own:
+            model._get_stopping_criteria = original
+        else:
+            vars(model).pop("_get_stopping_criteria", None)
 
 
 def score(problems: list[dict], solutions: list[dict], settings: CodeSettings) -> tuple[dict, list[str]]:
