@@ -33,6 +33,7 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per teacher forward pass")
     parser.add_argument("--shard-tokens", type=int, default=65536, help="response tokens per shard, the unit of resumption")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    parser.add_argument("--force", action="store_true", help="rebuild a cache in --out that was written with other settings")
     parser.set_defaults(func=run)
 
 
@@ -44,6 +45,7 @@ def run(args) -> None:
         raise UserError(f"invalid --max-len {args.max_len}: must be >= 2 (one prompt token and one response token)")
     if args.num_docs < 1:
         raise UserError(f"invalid --num-docs {args.num_docs}: must be a whole number >= 1")
+    _check_output(args)
     device = _device(args.device)
     tokenizer, teacher = _load_teacher(args.teacher, args.data)
     if args.data == "lab":
@@ -79,3 +81,29 @@ def _load_teacher(name: str, data: str):
         raise UserError(f"invalid --data lab with --teacher {name}: lab documents use the lab vocabulary, which this "
                         "teacher's tokenizer does not have; use --teacher lab or pass --data FILE.jsonl")
     return tokenizer, teacher
+
+
+def _check_output(args) -> None:
+    """Raise UserError when --out holds other files or a cache built with other settings, unless --force."""
+    import json
+    from pathlib import Path
+
+    from bganalysis.teacher_cache import MANIFEST
+
+    out = Path(args.out)
+    if args.force or not out.is_dir() or not any(out.iterdir()):
+        return
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        if not any(out.glob("shard-*.safetensors")):
+            raise UserError(f"--out {out} is a non-empty folder that is not a teacher cache; choose a new folder or delete it")
+        return  # an unfinished cache: shards with the same settings are kept, others are rewritten
+    try:
+        saved = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        saved = {}
+    wanted = {"k": args.k, "loss_temperature": float(args.loss_temperature), "teacher": args.teacher}
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in wanted.items() if saved.get(key) != value]
+    if changed:
+        raise UserError(f"--out {out} holds a teacher cache built with other settings ({', '.join(changed)}); "
+                        "pass --force to rebuild it, or choose another --out")
