@@ -137,10 +137,10 @@ def run_generate(config: GenerateConfig) -> Path:
 
     fresh = _check_output(out, settings, config)
     model, tokenizer = _load_teacher(config)
+    done = set() if fresh else _finished_pairs(out)
+    jobs = _pending_jobs(rows, done, tokenizer, config, _prompt_limit(model, config))
     if fresh:
-        _start_output(out, settings, config)  # after loading, so a teacher that fails to load leaves no meta file
-    done = _finished_pairs(out)
-    jobs = _pending_jobs(rows, done, tokenizer, config)
+        _start_output(out, settings, config)  # after loading and tokenising, so bad input leaves no meta file
     log.info("%d responses already in %s, %d to generate", len(done), out, len(jobs))
     _generate_all(model, tokenizer, jobs, out, config)
     return out
@@ -262,7 +262,22 @@ def _load_teacher(config: GenerateConfig):
     return load_causal_lm(config.teacher, device=config.device), load_tokenizer(config.teacher)
 
 
-def _pending_jobs(rows: list[dict], done: set, tokenizer, config: GenerateConfig) -> list[Job]:
+def _prompt_limit(model, config: GenerateConfig) -> int:
+    """Return --max-prompt-tokens, lowered so that a prompt and --max-new-tokens fit the teacher's context."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return config.max_prompt_tokens
+    room = context - config.max_new_tokens
+    if room < 1:
+        raise UserError(f"--max-new-tokens {config.max_new_tokens} leaves no room for a prompt in the teacher's "
+                        f"context of {context} tokens; pass --max-new-tokens below {context}")
+    if room < config.max_prompt_tokens:
+        log.warning("the teacher's context is %d tokens, so prompts keep at most their last %d tokens "
+                    "(--max-new-tokens %d)", context, room, config.max_new_tokens)
+    return min(room, config.max_prompt_tokens)
+
+
+def _pending_jobs(rows: list[dict], done: set, tokenizer, config: GenerateConfig, prompt_limit: int) -> list[Job]:
     from bganalysis.analysis.documents import encode_prompt
 
     jobs = []
@@ -270,7 +285,7 @@ def _pending_jobs(rows: list[dict], done: set, tokenizer, config: GenerateConfig
         samples = [s for s in range(config.samples_per_prompt) if (row["id"], s) not in done]
         if not samples:
             continue
-        prompt_ids = encode_prompt(tokenizer, row["prompt"], config.chat_template, config.max_prompt_tokens)
+        prompt_ids = encode_prompt(tokenizer, row["prompt"], config.chat_template, prompt_limit)
         if not prompt_ids:
             raise UserError(f"prompt {row['id']!r} is empty and the tokenizer adds no BOS token, so there is "
                             "nothing to generate from; give it a non-empty prompt")

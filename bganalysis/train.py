@@ -191,7 +191,7 @@ def make_trainer(config: TrainConfig, run_dir: Path, callbacks: tuple = ()):
 
     tokenizer, teacher, cache = _load_teacher(config)
     student = _load_student(config, tokenizer, teacher)
-    examples = _load_examples(config, tokenizer)
+    examples = _load_examples(config, tokenizer, _max_len(config, teacher, student))
     _log_start(config, student, tokenizer, examples)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -372,10 +372,20 @@ def _check_width(model, tokenizer, role: str, name: str) -> None:
         )
 
 
-def _load_examples(config: TrainConfig, tokenizer) -> list[Example]:
+def _max_len(config: TrainConfig, teacher, student) -> int:
+    """Return max_len, lowered to the shorter context of teacher and student, with a warning."""
+    contexts = [getattr(model.config, "max_position_embeddings", None) for model in (teacher, student) if model is not None]
+    limit = min([config.max_len, *(context for context in contexts if context)])
+    if limit < config.max_len:
+        logger.warning("max_len=%d exceeds the models' context of %d tokens; sequences are cut to %d",
+                       config.max_len, limit, limit)
+    return limit
+
+
+def _load_examples(config: TrainConfig, tokenizer, max_len: int) -> list[Example]:
     if config.data == "lab":
-        return lab_examples(config.num_docs, config.seed, config.max_len)
-    return jsonl_examples(config.data, tokenizer, config.max_len, config.chat_template)
+        return lab_examples(config.num_docs, config.seed, max_len)
+    return jsonl_examples(config.data, tokenizer, max_len, config.chat_template)
 
 
 def _log_start(config: TrainConfig, student, tokenizer, examples: list[Example]) -> None:

@@ -193,3 +193,49 @@ def test_train_learns_eos_without_a_pad_token(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "students" / "hybrid" / "train_log.jsonl").read_text().splitlines()[0])
     assert record["loss_tokens"] == sum(len(r.split()) + 1 for _, r in rows)  # each response and its EOS
+
+
+@pytest.fixture(scope="module")
+def short_context_teacher(tmp_path_factory) -> Path:
+    """A GPT-2 teacher (learned positions) with a context of 16 tokens, on the lab tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bganalysis.lab import lab_tokenizer
+
+    import torch
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("short_context") / "teacher"
+    tokenizer = lab_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+LONG_PROMPT = "calc " + " + ".join(["3", "5"] * 8) + " :"  # 35 tokens with BOS, more than the context of 16
+
+
+@pytest.mark.parametrize("command", ["generate", "train"])
+def test_prompt_longer_than_context(short_context_teacher, tmp_path, command):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": LONG_PROMPT, "response": "out y 6"}) + "\n")
+    if command == "generate":
+        out = tmp_path / "labels.jsonl"
+        args = ["generate", "--teacher", str(short_context_teacher), "--prompts", str(data), "--out", str(out),
+                "--max-new-tokens", "4"]
+    else:
+        out = tmp_path / "out"
+        args = ["train", "--teacher", str(short_context_teacher), "--data", str(data), "--out", str(out), "--steps", "1",
+                "--batch-size", "1", "--log-every", "1", "--student-hidden", "16", "--student-intermediate", "32",
+                "--student-layers", "1", "--student-heads", "2", "--student-kv-heads", "1", "--device", "cpu"]
+    result = run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "context" in result.stderr and "WARNING" in result.stderr
+    if command == "generate":
+        row = json.loads(out.read_text().splitlines()[0])
+        assert row["response_tokens"] >= 1
+    else:
+        record = json.loads((out / "students" / "hybrid" / "train_log.jsonl").read_text().splitlines()[0])
+        assert record["loss_tokens"] == 4  # "out y 6" and its EOS: the prompt was cut, not the response
