@@ -78,8 +78,9 @@ def run_bench(model_dir: str | None, data_dir: str | None, out: str, size: Bench
         totals[benchmark.engine][1] += timing["direct"]
         log.info("%s: %d items, %.3f items/s, ours %.1f s, direct %.1f s, ratio %.3f", name, items,
                  items / timing["ours"], timing["ours"], timing["direct"], timing["ours"] / timing["direct"])
-    result["ratio_lm_eval"] = totals["lm_eval"][0] / totals["lm_eval"][1]
-    result["ratio_evalplus"] = totals["evalplus"][0] / totals["evalplus"][1]
+    for engine, (ours, direct) in totals.items():
+        if direct > 0:  # a size without benchmarks of this engine has no ratio for it
+            result[f"ratio_{engine}"] = ours / direct
     result["total_seconds"] = time.perf_counter() - started
     atomic_write_json(Path(out) / "bench_eval.json", result)
     return result
