@@ -168,6 +168,13 @@ def test_cli_parser_does_not_import_torch():
     assert json.loads(result.stdout.replace("'", '"')) == [], result.stderr
 
 
+def _one_step_train(teacher: Path, data: Path, out: Path, batch_size: int) -> list[str]:
+    """One optimiser step of a tiny student on `data`, logged."""
+    return ["train", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--steps", "1",
+            "--batch-size", str(batch_size), "--log-every", "1", "--student-hidden", "16", "--student-intermediate", "32",
+            "--student-layers", "1", "--student-heads", "2", "--student-kv-heads", "1", "--device", "cpu"]
+
+
 def test_train_learns_eos_without_a_pad_token(tmp_path):
     # With no pad token, batches are padded with EOS; the EOS label at each response end must still count.
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -186,10 +193,7 @@ def test_train_learns_eos_without_a_pad_token(tmp_path):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in rows))
     out = tmp_path / "out"
-    args = ["train", "--teacher", str(teacher), "--data", str(data), "--out", str(out), "--steps", "1",
-            "--batch-size", "4", "--log-every", "1", "--student-hidden", "16", "--student-intermediate", "32",
-            "--student-layers", "1", "--student-heads", "2", "--student-kv-heads", "1", "--device", "cpu"]
-    result = run(args, tmp_path)
+    result = run(_one_step_train(teacher, data, out, batch_size=4), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "students" / "hybrid" / "train_log.jsonl").read_text().splitlines()[0])
     assert record["loss_tokens"] == sum(len(r.split()) + 1 for _, r in rows)  # each response and its EOS
@@ -227,9 +231,7 @@ def test_prompt_longer_than_context(short_context_teacher, tmp_path, command):
                 "--max-new-tokens", "4"]
     else:
         out = tmp_path / "out"
-        args = ["train", "--teacher", str(short_context_teacher), "--data", str(data), "--out", str(out), "--steps", "1",
-                "--batch-size", "1", "--log-every", "1", "--student-hidden", "16", "--student-intermediate", "32",
-                "--student-layers", "1", "--student-heads", "2", "--student-kv-heads", "1", "--device", "cpu"]
+        args = _one_step_train(short_context_teacher, data, out, batch_size=1)
     result = run(args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "context" in result.stderr and "WARNING" in result.stderr
