@@ -66,7 +66,8 @@ def run_demo(out: str | Path, size: DemoSize = DemoSize(), seed: int = 0, lam: f
         config = TrainConfig(method=method, lam=lam if method == "hybrid" else None, hard_target=hard_target,
                              teacher="lab", data="lab",
                              num_docs=size.train_docs, steps=size.train_steps, batch_size=size.batch_size,
-                             seed=seed, out=str(out), name=name, device="cpu")
+                             seed=seed, out=str(out), name=name, device="cpu",
+                             force=True)  # a demo rebuilds its whole run folder, so older students are replaced
         log.info("training the %s student (%d steps)", name, size.train_steps)
         students.append(str(train(config)))
     train_seconds = time.time() - started
