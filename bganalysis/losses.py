@@ -46,7 +46,8 @@ def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
     """Return KL(p || q) = sum p (log p - log q) over the last dim, in nats.
 
     Inputs are normalised log-probabilities `[..., vocab]`; the result is float32 `[...]`.
-    Terms with p = 0 are exactly 0, even where log q is -inf.
+    Terms with p = 0 are exactly 0, even where log q is -inf. A p that underflows to 0
+    from a finite log p counts as positive: its term is +inf where log q is -inf, else 0.
     """
     teacher_logprobs = teacher_logprobs.float()
     student_logprobs = student_logprobs.float()
@@ -56,8 +57,13 @@ def kl_from_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Ten
     # the gradient computes -inf - (-inf).
     log_p = torch.where(support, teacher_logprobs, 0.0)
     log_q = torch.where(support, student_logprobs, 0.0)
-    terms = torch.where(support, log_p.exp() * (log_p - log_q), 0.0)
-    return terms.sum(dim=-1)
+    p = log_p.exp()
+    terms = p * (log_p - log_q)
+    # A teacher probability that underflows to 0 (log p below about -103 in float32) is still
+    # above 0, so against a student log q of -inf its term is +inf, not 0 · inf = NaN.
+    underflow = support & (p == 0)
+    terms = torch.where(underflow, torch.where(log_q == float("-inf"), float("inf"), 0.0), terms)
+    return torch.where(support, terms, 0.0).sum(dim=-1)
 
 
 def forward_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
