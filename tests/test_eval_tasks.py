@@ -106,3 +106,11 @@ def test_offline_bbh_prompt_equals_lm_eval_online_prompt():
     for remote, local in zip(online, _configs("bbh")):
         assert local["description"] == remote["description"], local["task"]
         assert local["fewshot_config"]["samples"] == remote["fewshot_config"]["samples"], local["task"]
+
+
+def test_mbpp_snapshot_prompts_name_the_function():
+    from bganalysis.evaluation.code_runner import load_problems
+
+    problem = load_problems("mbpp", DATA, 1)[0]
+    assert problem["prompt"].startswith('"""\n') and problem["prompt"].endswith('\n"""\n')
+    assert "assert similar_elements(" in problem["prompt"] and "'''" not in problem["prompt"]

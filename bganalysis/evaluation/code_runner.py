@@ -58,7 +58,23 @@ def load_problems(dataset: str, data_dir: Path | None, limit: int | None) -> lis
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    return rows[:limit] if limit else rows
+    rows = rows[:limit] if limit else rows
+    return [release_prompt(row) for row in rows] if dataset == "mbpp" else rows
+
+
+def release_prompt(row: dict) -> dict:
+    """An MBPP+ row whose prompt is in the release format: the task text and one example assert.
+
+    The 399-task pre-release snapshot has prompts with the task text alone, so a model
+    cannot know the function name its tests call. The release (v0.2.0) prompt is a
+    docstring with the text and the first assert; it is rebuilt here from the row's
+    `assertion` field. Rows that already carry an assert are returned unchanged.
+    """
+    if "assert" in row["prompt"] or not row.get("assertion"):
+        return row
+    text = row["prompt"].strip().strip("'\"").strip()
+    first_assert = next(line for line in row["assertion"].splitlines() if line.strip().startswith("assert"))
+    return {**row, "prompt": f'"""\n{text}\n{first_assert.strip()}\n"""\n'}
 
 
 def _download(dataset: str) -> str:
