@@ -88,6 +88,7 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> Path:
 def _prepare_run_dir(config: TrainConfig, run_dir: Path):
     """Check the checkpoint folder against `config.resume`; return the checkpoint to resume from, or None."""
     import yaml
+
     saved_path = run_dir / "train_config.yaml"
     checkpoint = _last_complete_checkpoint(run_dir)
     if not config.resume:
@@ -98,7 +99,13 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path):
         return None  # the folder is written by _start_run_dir, once teacher, student and data have loaded
     if checkpoint is None:
         raise UserError(f"--resume was given but {run_dir} has no checkpoint; run without --resume to start training")
-    saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    try:
+        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(f"cannot resume {run_dir}: its train_config.yaml is missing or unreadable, so the settings "
+                        f"of the interrupted run are unknown; delete {run_dir} to start over")
     current = dataclasses.asdict(config)
     changed = sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
     if changed:

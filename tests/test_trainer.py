@@ -259,3 +259,13 @@ def test_fused_path_covers_forward_kl_only():
     assert not fused_path_applies(TrainConfig(divergence="reverse_kl"), student, cached=False)
     assert not fused_path_applies(TrainConfig(weight_scheme="risk_guided"), student, cached=False)
     assert not fused_path_applies(TrainConfig(fused_loss=False), student, cached=False)
+
+
+def test_resume_without_saved_settings_is_refused(tmp_path):
+    config = dict(TINY, steps=4, save_every=2)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**config, out=str(out)), callbacks=(_SignalAt(2),))
+    (out / "checkpoints" / "hybrid" / "train_config.yaml").unlink()
+    with pytest.raises(UserError, match="train_config.yaml is missing"):
+        train(TrainConfig(**config, out=str(out), resume=True))
