@@ -32,9 +32,13 @@ def _interrupt(args: list[str], cwd: Path, progress, at: int, signum: int, timeo
     try:
         while process.poll() is None and progress() < at:
             assert time.monotonic() < deadline, "the command made no progress"
-            time.sleep(0.01)
+            time.sleep(0.005)
+        # Freeze the process first: on an idle machine the lab commands finish the remaining
+        # work in milliseconds, so a plain signal could land after the last row or shard.
+        process.send_signal(signal.SIGSTOP)
         assert process.poll() is None, f"finished before the signal at {at}: {log.read_text()[-2000:]}"
         process.send_signal(signum)
+        process.send_signal(signal.SIGCONT)
         process.wait(timeout=timeout)
     finally:
         if process.poll() is None:
