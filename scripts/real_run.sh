@@ -4,13 +4,14 @@
 # teacher-written responses to ARC-Challenge train questions, then analysed on held-out
 # ARC-Challenge dev questions. Every step resumes or skips finished work when rerun.
 #
-# Usage: scripts/real_run.sh [RUN_DIR]   (default runs/real; about 1 hour on 2 CPU cores)
+# Usage: scripts/real_run.sh [RUN_DIR]   (default runs/real)
 set -euo pipefail
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 THP_MEM_ALLOC_ENABLE=1
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 RUN=${1:-runs/real}
 ARC=${ARC:-../shared/benchmarks/arc_challenge}
-TRAIN_PROMPTS=${TRAIN_PROMPTS:-240}
+TRAIN_PROMPTS=${TRAIN_PROMPTS:-240}   # questions in the prompt file
+RESPONSES=${RESPONSES:-128}           # of which the teacher answers the first RESPONSES
 HELD_OUT=${HELD_OUT:-8}
 STEPS=${STEPS:-60}
 LAYERS=${LAYERS:-4}
@@ -43,7 +44,7 @@ PYTHON
 
 # 3. Teacher-written responses (hard labels), sampled at temperature 1.
 $BG generate --teacher "$RUN/teacher" --prompts "$RUN/arc_train_prompts.jsonl" --out "$RUN/arc_train_teacher.jsonl" \
-    --max-new-tokens 96 --batch-size 16 --seed 0
+    --max-new-tokens 96 --batch-size 16 --seed 0 --limit "$RESPONSES"
 
 # 4. The teacher's top-64 distribution per response token, written once.
 $BG cache-teacher --teacher "$RUN/teacher" --data "$RUN/arc_train_teacher.jsonl" --k 64 --max-len 256 \
