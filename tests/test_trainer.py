@@ -112,7 +112,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_gradient_is_the_same_for_any_split_of_the_step(tmp_path):
+def test_gradient_invariant_to_step_split(tmp_path):
     """One process × 4 sequences, one × 2 × 2 accumulation, and two gloo processes × 2 give one gradient."""
     script = tmp_path / "gradients.py"
     script.write_text(_GRADIENT_SCRIPT)
@@ -209,11 +209,12 @@ def test_onpolicy_draws_are_reproducible():
 def test_bfloat16_training_gives_finite_losses(tmp_path):
     folder = train(TrainConfig(**TINY, steps=2, dtype="bfloat16", out=str(tmp_path)))
     for record in _log(folder):
-        assert record["soft"] >= 0 and torch.isfinite(torch.tensor(record["loss"]))
+        assert record["soft"] >= 0
+        assert torch.isfinite(torch.tensor(record["loss"]))
 
 
 @pytest.mark.parametrize("scheme", ["static", "entropy"])
-def test_cached_teacher_with_full_vocabulary_trains_like_the_online_teacher(tmp_path, scheme):
+def test_full_vocabulary_cache_matches_online(tmp_path, scheme):
     from bganalysis.lab import LabTeacher
     from bganalysis.teacher_cache import build_teacher_cache
     from bganalysis.train_data import lab_examples
