@@ -27,7 +27,10 @@ def _interrupt(args: list[str], cwd: Path, progress, at: int, signum: int, timeo
     """Start `bganalysis ARGS`, send `signum` once `progress()` reaches `at`; return its stderr."""
     log = cwd / f"stderr-{signum}.txt"
     with log.open("w") as stderr:
-        process = subprocess.Popen(command(args), cwd=cwd, env=environment(), stdout=subprocess.DEVNULL, stderr=stderr)
+        # A shell without job control starts background jobs with SIGINT ignored, and a child
+        # inherits that, so CI launched with `&` would see SIGINT do nothing. Restore the default.
+        process = subprocess.Popen(command(args), cwd=cwd, env=environment(), stdout=subprocess.DEVNULL, stderr=stderr,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     try:
         while process.poll() is None and progress() < at:
