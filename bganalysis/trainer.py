@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 from transformers import Trainer
@@ -50,28 +51,29 @@ def lr_factor(warmup_steps: int, steps: int):
     return factor
 
 
-def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step: int, vocab_size: int):
-    """Run the teacher (when needed) and the student on one micro-batch.
+class TeacherSide(NamedTuple):
+    """What both loss paths need from one micro-batch before the student runs."""
 
-    Returns (parts, valid, lam): per-token loss parts `[batch, seq]` (total, soft, hard,
-    risk), the mask of loss tokens and λ. The student's forward keeps its graph.
-    """
-    batch = dict(batch)
-    targets = batch.pop("targets")
-    onpolicy_rows = batch.pop(ONPOLICY_KEY, None)
-    cached = {key: batch.pop(key) for key in CACHE_KEYS if key in batch}
+    inputs: dict  # the model inputs: the batch without targets, on-policy flags and cache tensors
+    targets: torch.Tensor  # hard targets [batch, seq]: the data's, or the teacher's argmax
+    valid: torch.Tensor  # mask of the loss tokens
+    cached: dict  # the teacher-cache tensors of the batch; empty without a cache
+    teacher_logits: torch.Tensor | None  # [batch, seq, vocab_size] float; None when cached or not needed
+    lam: torch.Tensor  # λ per token, 1 on on-policy rows
+
+
+def teacher_side(config, teacher, batch: dict, soft_weights, step: int, vocab_size: int) -> TeacherSide:
+    """Split `batch`, run the teacher when the loss needs it (no gradient), and derive the targets and λ."""
+    inputs = dict(batch)
+    targets = inputs.pop("targets")
+    onpolicy_rows = inputs.pop(ONPOLICY_KEY, None)
+    cached = {key: inputs.pop(key) for key in CACHE_KEYS if key in inputs}
     valid = targets != IGNORE_INDEX
 
     teacher_logits = None
     if not cached and needs_teacher(config):
         with torch.no_grad():
-            teacher_logits = teacher(**batch, use_cache=False).logits.float()
-    student_logits = student(**batch, use_cache=False).logits
-    if teacher_logits is None:
-        student_logits = student_logits[..., :vocab_size]
-    else:
-        teacher_logits, student_logits = align_vocab(teacher_logits, student_logits, vocab_size)
-
+            teacher_logits = teacher(**inputs, use_cache=False).logits[..., :vocab_size].float()
     teacher_view = teacher_logits
     if cached and config.weight_scheme not in STATIC_LAMBDA_SCHEMES:
         from bganalysis.cached_loss import dense_teacher_logits
@@ -85,9 +87,25 @@ def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step:
     lam = soft_weights(step, teacher_view, targets)
     if onpolicy_rows is not None:
         lam = torch.where(onpolicy_rows[:, None] & valid, 1.0, lam)
-    use_cache = cached if cached and config.method != "hard" else None
-    parts = token_losses(config, student_logits, teacher_logits, batch, targets, lam, cached=use_cache)
-    return parts, valid, lam
+    return TeacherSide(inputs, targets, valid, cached, teacher_logits, lam)
+
+
+def micro_batch_parts(config, teacher, student, batch: dict, soft_weights, step: int, vocab_size: int):
+    """Run the teacher (when needed) and the student on one micro-batch.
+
+    Returns (parts, valid, lam): per-token loss parts `[batch, seq]` (total, soft, hard,
+    risk), the mask of loss tokens and λ. The student's forward keeps its graph.
+    """
+    side = teacher_side(config, teacher, batch, soft_weights, step, vocab_size)
+    student_logits = student(**side.inputs, use_cache=False).logits
+    teacher_logits = side.teacher_logits
+    if teacher_logits is None:
+        student_logits = student_logits[..., :vocab_size]
+    else:  # raises when the student scores fewer tokens than the tokenizer has
+        teacher_logits, student_logits = align_vocab(teacher_logits, student_logits, vocab_size)
+    use_cache = side.cached if side.cached and config.method != "hard" else None
+    parts = token_losses(config, student_logits, teacher_logits, side.inputs, side.targets, side.lam, cached=use_cache)
+    return parts, side.valid, side.lam
 
 
 def fused_path_applies(config, student, cached: bool) -> bool:
@@ -124,29 +142,16 @@ def micro_batch_loss(config, teacher, student, batch: dict, soft_weights, step: 
 
     from bganalysis.fused_loss import fused_hybrid_loss
 
-    batch = dict(batch)
-    targets = batch.pop("targets")
-    onpolicy_rows = batch.pop(ONPOLICY_KEY, None)
-    valid = targets != IGNORE_INDEX
-    teacher_logits = None
-    if needs_teacher(config):
-        with torch.no_grad():
-            teacher_logits = teacher(**batch, use_cache=False).logits[..., :vocab_size].float()
-    if config.hard_target == "argmax":
-        targets = torch.where(valid, teacher_logits.argmax(dim=-1), IGNORE_INDEX)
-    lam = soft_weights(step, teacher_logits, targets)
-    if onpolicy_rows is not None:
-        lam = torch.where(onpolicy_rows[:, None] & valid, 1.0, lam)
-
+    side = teacher_side(config, teacher, batch, soft_weights, step, vocab_size)
     # One logit row is kept because the model insists on computing some; the loss reads the hidden states.
-    output = student(**batch, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    output = student(**side.inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
     weight = _unwrap(student).get_output_embeddings().weight
-    lam_argument = 0.0 if teacher_logits is None else lam
-    result = fused_hybrid_loss(output.hidden_states[-1], weight, teacher_logits, targets, lam_argument, num_valid_tokens,
-                               config.loss_temperature, config.loss_chunk_tokens, vocab_size)
+    lam_argument = 0.0 if side.teacher_logits is None else side.lam
+    result = fused_hybrid_loss(output.hidden_states[-1], weight, side.teacher_logits, side.targets, lam_argument,
+                               num_valid_tokens, config.loss_temperature, config.loss_chunk_tokens, vocab_size)
     parts = {key: result[key] for key in ("soft", "hard", "total")}
     parts["risk"] = torch.zeros_like(parts["hard"])
-    return result["loss"], parts, valid, lam
+    return result["loss"], parts, side.valid, side.lam
 
 
 def _unwrap(model):
