@@ -50,10 +50,8 @@ DEFAULT_TEACHER_CACHE = Path("~/.cache/bganalysis/smollm2").expanduser()
 class BenchSize:
     """Budget of one benchmark run.
 
-    `QUICK` took 4 minutes with 1 thread on a 2-core CPU before the se-ratio replicates were
-    added, and 23 minutes with them while three other jobs shared the cores (load 7 to 8).
-    NOTE: the replicates add about 6 x 6 engine positions, an estimated 2 minutes on a quiet
-    machine, so `--quick` may now exceed 5 minutes there; this was not measured.
+    With 1 thread and a core of its own (2-core AMD EPYC), `QUICK` took 4 min 46 s and the
+    default budget 16 min 33 s (docs/benchmarks.md).
     """
 
     prompt_tokens: int = 150  # length of the document the kappa positions lie in
