@@ -36,7 +36,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TopPLogitsWarper
 
 from bganalysis.errors import UserError
-from bganalysis.io import atomic_write_bytes, atomic_write_json, read_prompts
+from bganalysis.io import atomic_write_json, drop_cut_off_line, read_prompts
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +222,7 @@ def _finished_pairs(out: Path) -> set[tuple[str, int]]:
     """Return the (id, sample) pairs in `out`, after dropping a cut-off last line."""
     if not out.is_file():
         return set()
-    data = out.read_bytes()
-    lines = data.split(b"\n")
-    tail = lines.pop()  # the bytes after the last newline; empty unless a write was cut off
-    if tail:
-        log.warning("%s: dropping a cut-off last line (%d bytes without a newline); it will be regenerated", out, len(tail))
-        atomic_write_bytes(out, data[: len(data) - len(tail)])
-
+    lines = drop_cut_off_line(out).split(b"\n")[:-1]
     done = set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():

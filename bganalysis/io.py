@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,15 +23,17 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
-    try:
+    tmp = None
+    try:  # an interrupt at any point below, even right after mkstemp, leaves no temporary file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
@@ -91,6 +94,23 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def drop_cut_off_line(path: str | os.PathLike) -> bytes:
+    """Return the bytes of the append-only JSONL file `path` after removing a cut-off last line from it.
+
+    A file appended to line by line ends with a newline unless a write was cut off (a
+    kill, a full disk). The bytes after the last newline are removed atomically, with a
+    warning, so the next append starts on a line of its own.
+    """
+    data = Path(path).read_bytes()
+    tail = data[data.rfind(b"\n") + 1:]
+    if tail:
+        logging.getLogger(__name__).warning(
+            "%s: dropping a cut-off last line (%d bytes without a newline); it will be redone", path, len(tail))
+        data = data[: len(data) - len(tail)]
+        atomic_write_bytes(path, data)
+    return data
 
 
 def _umask() -> int:

@@ -19,6 +19,8 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--suite", default="reasoning", help="suite name from eval_configs/ (reasoning, code, all)")
+    parser.add_argument("--benchmark", action="append", metavar="NAME",
+                        help="run only this benchmark of the suite, e.g. humanevalplus; repeatable (default: all)")
     parser.add_argument("--list-suites", action="store_true", help="list the suites with their settings and exit")
     parser.add_argument("--model", action="append", metavar="MODEL",
                         help="model folder, hub id, run folder (all its students) or .gguf file; repeatable")
@@ -48,19 +50,24 @@ def run(args) -> None:
 
     from bganalysis.errors import UserError
     from bganalysis.evaluation.results import ResultStore, markdown_table
-    from bganalysis.evaluation.runner import EvalSettings, default_out, evaluate_sources, settings_dict
+    from bganalysis.evaluation.local_data import check_data_dir
+    from bganalysis.evaluation.runner import (EvalSettings, default_out, evaluate_sources, selected_benchmarks,
+                                              settings_dict)
     from bganalysis.evaluation.sources import resolve_models
-    from bganalysis.evaluation.suites import describe_suites, load_suite
+    from bganalysis.evaluation.suites import describe_suites
 
     if args.list_suites:
         print(describe_suites())
         return
     if not args.model:
         raise UserError("no --model given; pass a model folder, hub id, run folder or .gguf file (repeatable)")
-    settings = EvalSettings(suite=args.suite, data_dir=Path(args.data_dir) if args.data_dir else None,
-                            limit=args.limit, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
-                            batch_size=args.batch_size, device=args.device, dtype=args.dtype, force=args.force)
-    load_suite(settings.suite)  # an unknown suite fails before any model is loaded
+    settings = EvalSettings(
+        suite=args.suite, benchmarks=tuple(args.benchmark or ()), limit=args.limit,
+        data_dir=Path(args.data_dir) if args.data_dir else None, max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat_template, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        force=args.force)
+    # An unknown suite or benchmark, or a missing data file, fails before any model is loaded.
+    check_data_dir([benchmark.name for benchmark in selected_benchmarks(settings)], settings.data_dir)
     sources = resolve_models(args.model)
     _check_models(sources)
     out = Path(args.out) if args.out else default_out(sources)
@@ -74,8 +81,9 @@ def run(args) -> None:
 
 
 def _check_models(sources) -> None:
-    """Load every tokenizer first, so a bad --model fails before anything is evaluated."""
-    from bganalysis.models import load_tokenizer
+    """Check every model's files and load its tokenizer, so a bad --model fails before anything is evaluated."""
+    from bganalysis.models import check_model_files, load_tokenizer
 
     for source in sources:
+        check_model_files(source.path)
         load_tokenizer(source.path)

@@ -23,8 +23,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bganalysis.errors import UserError
+from bganalysis.evaluation.local_data import LOCAL_FILES, check_data_dir
 from bganalysis.evaluation.sandbox import SandboxLimits, private_workdir, remove_workdir, run_sandboxed
+from bganalysis.io import drop_cut_off_line
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ INSTRUCTION_PREFIX = ("Please provide a self-contained Python script that solves
                       "markdown code block:")  # the prefixes evalplus.codegen uses for chat models
 RESPONSE_PREFIX = ("Below is a Python script with a self-contained function that solves the problem and passes "
                    "corresponding tests:")
-LOCAL_FILES = {"humaneval": "humanevalplus/HumanEvalPlus.jsonl.gz", "mbpp": "mbppplus/MbppPlus-767efcc.jsonl.gz"}
+BENCHMARKS = {"humaneval": "humanevalplus", "mbpp": "mbppplus"}  # evalplus dataset -> our benchmark name
 OVERRIDE_VARIABLES = {"humaneval": "HUMANEVAL_OVERRIDE_PATH", "mbpp": "MBPP_OVERRIDE_PATH"}
 
 
@@ -49,10 +50,8 @@ class CodeSettings:
 def load_problems(dataset: str, data_dir: Path | None, limit: int | None) -> list[dict]:
     """The first `limit` problems as raw JSON rows, from `data_dir` or evalplus's download."""
     if data_dir is not None:
-        path = Path(data_dir) / LOCAL_FILES[dataset]
-        if not path.is_file():
-            raise UserError(f"--data-dir {data_dir}: {LOCAL_FILES[dataset]} is missing; "
-                            "pass a folder with the benchmark layout of docs/eval.md")
+        check_data_dir([BENCHMARKS[dataset]], data_dir)
+        path = Path(data_dir) / LOCAL_FILES[BENCHMARKS[dataset]][0]
     else:
         path = Path(_download(dataset))
     opener = gzip.open if path.suffix == ".gz" else open
@@ -78,6 +77,8 @@ def release_prompt(row: dict) -> dict:
 
 
 def _download(dataset: str) -> str:
+    log.info("fetching %s from evalplus's release files on GitHub, unless evalplus has them cached; "
+             "--data-dir reads local files instead", BENCHMARKS[dataset])
     # NOTE: private evalplus helpers, the only ones that return the file path instead of parsed problems.
     if dataset == "humaneval":
         from evalplus.data.humaneval import _ready_human_eval_plus_path
@@ -195,14 +196,12 @@ def outcome_rows(problems: list[dict], solutions: list[dict], statuses: dict) ->
 
 
 def _read_jsonl(path: Path) -> dict[str, dict]:
+    """The rows of the generations file `path` by task id, after dropping a cut-off last line."""
     if not path.is_file():
         return {}
     rows = {}
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by an interruption
-                continue
+    for line in drop_cut_off_line(path).decode("utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
             rows[row["task_id"]] = row
     return rows

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from bganalysis.errors import UserError
 from bganalysis.evaluation.results import ResultStore, settings_hash
-from bganalysis.evaluation.suites import Benchmark, load_suite
+from bganalysis.evaluation.suites import Benchmark, load_suite, select_benchmarks
 from bganalysis.evaluation.sources import ModelSource, model_hash
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EvalSettings:
     suite: str = "reasoning"
+    benchmarks: tuple[str, ...] = ()  # run only these benchmarks of the suite; empty: all
     data_dir: Path | None = None  # None: the tools' own (online) datasets
     limit: int | None = None
     max_new_tokens: int = 256
@@ -45,6 +46,12 @@ class EvalSettings:
                             "docs/eval.md, or leave it out to use the online datasets")
 
 
+def selected_benchmarks(settings: EvalSettings) -> list[Benchmark]:
+    """The suite's benchmarks that `settings` selects; UserError for an unknown suite or benchmark."""
+    _, benchmarks = load_suite(settings.suite)
+    return select_benchmarks(settings.suite, benchmarks, settings.benchmarks)
+
+
 def benchmark_settings(benchmark: Benchmark, settings: EvalSettings, chat_template: bool) -> dict:
     """Everything that changes a benchmark's numbers; its hash is part of the cache key."""
     return {"benchmark": benchmark.name, "suite_version": benchmark.suite_version,
@@ -55,7 +62,7 @@ def benchmark_settings(benchmark: Benchmark, settings: EvalSettings, chat_templa
 
 def evaluate_model(model, tokenizer, name: str, settings: EvalSettings, store: ResultStore) -> list[dict]:
     """Run (or take from the cache) every benchmark of the suite for one loaded model."""
-    _, benchmarks = load_suite(settings.suite)
+    benchmarks = selected_benchmarks(settings)
     chat = tokenizer.chat_template is not None if settings.chat_template is None else settings.chat_template
     if chat and tokenizer.chat_template is None:
         raise UserError(f"--apply-chat-template: model {name} has no chat template; pass --no-chat-template")
@@ -96,9 +103,12 @@ def _make_lm(model, tokenizer, settings: EvalSettings):
 
 def _run_lm_eval(lm, benchmark: Benchmark, settings: EvalSettings, chat: bool):
     from bganalysis.evaluation.lm_eval_runner import LmEvalSettings, run_benchmark
-    from bganalysis.evaluation.tasks import task_configs
+    from bganalysis.evaluation.tasks import HUB, task_configs
 
     configs = task_configs(benchmark.name, benchmark.task, settings.data_dir, settings.max_new_tokens)
+    if settings.data_dir is None:
+        log.info("fetching %s from the Hugging Face Hub (%s), unless the datasets cache has it; "
+                 "--data-dir reads local files instead", benchmark.name, HUB[benchmark.name])
     metrics, samples = run_benchmark(lm, configs, LmEvalSettings(settings.limit, chat, settings.batch_size))
     return metrics, samples, {}
 

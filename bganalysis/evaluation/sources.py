@@ -26,7 +26,11 @@ def resolve_models(values: list[str]) -> list[ModelSource]:
     """All models named by `values`, in order, with unique names."""
     sources: list[ModelSource] = []
     for value in values:
-        sources += _resolve(value)
+        try:
+            sources += _resolve(value)
+        except PermissionError as error:
+            raise UserError(f"--model {value}: {error.filename} cannot be read ({error.strerror}); "
+                            "check its permissions or pass another model") from None
     names: dict[str, int] = {}
     unique = []
     for source in sources:

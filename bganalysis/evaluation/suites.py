@@ -59,6 +59,16 @@ def load_suite(name: str, config_dir: Path = CONFIG_DIR) -> tuple[int, list[Benc
     return int(spec["version"]), benchmarks
 
 
+def select_benchmarks(suite: str, benchmarks: list[Benchmark], names: tuple[str, ...]) -> list[Benchmark]:
+    """Return the benchmarks of `suite` named in `names`, in suite order (all when `names` is empty)."""
+    known = [benchmark.name for benchmark in benchmarks]
+    for name in names:
+        if name not in known:
+            raise UserError(f"--benchmark {name!r} is not in suite {suite}; use one of {', '.join(known)}, "
+                            "or another --suite (bganalysis eval --list-suites)")
+    return [benchmark for benchmark in benchmarks if not names or benchmark.name in names]
+
+
 def describe_suites(config_dir: Path = CONFIG_DIR) -> str:
     """The text of `bganalysis eval --list-suites`."""
     lines = []

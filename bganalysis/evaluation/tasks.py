@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from bganalysis.errors import UserError
+from bganalysis.evaluation.local_data import check_data_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "eval_configs"
 HUB = {"bbh": "SaylorTwift/bbh", "mmlu": "cais/mmlu", "arc_challenge": "allenai/ai2_arc", "theoremqa": "TIGER-Lab/TheoremQA"}
@@ -31,13 +32,8 @@ def task_configs(benchmark: str, template: Path, data_dir: Path | None, max_new_
     builders = {"bbh": _bbh, "mmlu": _mmlu, "arc_challenge": _arc, "theoremqa": _theoremqa}
     if benchmark not in builders:
         raise UserError(f"benchmark {benchmark!r} has no lm-eval task builder; use one of {', '.join(builders)}")
-    if data_dir is not None and not (Path(data_dir) / _LOCAL_FOLDERS[benchmark]).is_dir():
-        raise UserError(f"--data-dir {data_dir}: the folder {_LOCAL_FOLDERS[benchmark]} for {benchmark} is missing; "
-                        "pass a folder with the benchmark layout of docs/eval.md")
+    check_data_dir([benchmark], data_dir)
     return [{**base, **extra} for extra in builders[benchmark](data_dir)]
-
-
-_LOCAL_FOLDERS = {"bbh": "bbh/bbh", "mmlu": "mmlu/test", "arc_challenge": "arc_challenge", "theoremqa": "theoremqa"}
 
 
 def _bbh(data_dir: Path | None) -> list[dict]:

@@ -24,7 +24,8 @@ TINY_TRAIN = ["--steps", "2", "--num-docs", "8", "--batch-size", "2", "--student
 TINY_ANALYZE = ["--max-new-tokens", "4", "--kappa-k", "2", "--kappa-rollouts", "2", "--kappa-horizon", "2",
                 "--bootstrap", "10", "--ro-samples", "1"]
 # A message ends with what to do: an imperative, or the rule the value must meet.
-FIX = re.compile(r"\b(pass|use|add|give|check|choose|delete|fix|re-save|re-encode|install|set|remove|rerun|see|lower|must be)\b")
+FIX = re.compile(r"\b(pass|use|add|give|check|choose|delete|fix|re-save|re-encode|install|set|remove|rerun|see|lower"
+                 r"|must be)\b|\brun `")
 MODEL_FAULTS = ["missing", "not_model", "truncated", "unreadable_model"]
 PROMPT_FAULTS = ["missing", "empty", "not_utf8", "malformed", "no_prompt", "unreadable_prompts"]
 

@@ -1,0 +1,151 @@
+"""`eval`, `plot`, `report` and `app` through the real CLI: bad input, and `eval` interrupted and resumed.
+
+The interrupted evaluation runs the code suite on a tiny byte-level model with the
+local benchmark files, so it generates, scores in the sandbox and caches for real.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.eval_helpers import DATA, tiny_byte_model
+from tests.faults.cli import error_line, files_under, ok, run
+from tests.faults.test_bad_input import FIX
+from tests.faults.test_interrupt import SEED, _interrupt
+
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/benchmarks")
+
+EVAL = ["eval", "--suite", "code", "--data-dir", str(DATA), "--limit", "3", "--max-new-tokens", "12",
+        "--no-chat-template"]
+MBPP_FILE = "mbppplus/MbppPlus-767efcc.jsonl.gz"
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("eval_faults") / "tiny"
+    tiny_byte_model(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def partial_data(tmp_path_factory) -> Path:
+    """A --data-dir with HumanEval+ but no MBPP+ file, and one BBH task without its CoT prompt."""
+    folder = tmp_path_factory.mktemp("partial_data")
+    (folder / "humanevalplus").mkdir()
+    shutil.copy(DATA / "humanevalplus" / "HumanEvalPlus.jsonl.gz", folder / "humanevalplus")
+    (folder / "bbh" / "bbh").mkdir(parents=True)
+    (folder / "bbh" / "cot-prompts").mkdir()
+    shutil.copy(DATA / "bbh" / "bbh" / "navigate.json", folder / "bbh" / "bbh")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unanalysed_run(tmp_path_factory) -> Path:
+    """A run folder with a student but no analysis."""
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    tiny_byte_model(run_dir / "students" / "hard")
+    return run_dir
+
+
+def _cases(model: Path, partial: Path, inputs: dict, run_dir: Path) -> dict[str, tuple]:
+    """Case id -> (command, argv without --out, the text the message must name, other words it must hold)."""
+    base = ["eval", "--model", str(model), "--data-dir", str(DATA)]
+    cases = {
+        "eval-suite-unknown": ("eval", [*base, "--suite", "nope"], "nope", ("all", "code", "reasoning")),
+        "eval-benchmark-unknown": ("eval", [*base, "--suite", "code", "--benchmark", "bbh"], "bbh",
+                                   ("humanevalplus", "mbppplus")),
+        "eval-data-file-missing": ("eval", ["eval", "--model", str(model), "--suite", "code", "--data-dir", str(partial)],
+                                   str(partial / MBPP_FILE), ("mbppplus",)),
+        "eval-data-cot-prompt-missing": (
+            "eval", ["eval", "--model", str(model), "--benchmark", "bbh", "--data-dir", str(partial)],
+            str(partial / "bbh" / "cot-prompts" / "navigate.txt"), ()),
+        "eval-data-dir-missing": ("eval", [*base[:3], "--data-dir", str(partial / "nowhere")], "nowhere", ()),
+        "eval-limit-zero": ("eval", [*base, "--limit", "0"], "--limit 0", ()),
+        "eval-batch-size": ("eval", [*base, "--batch-size", "many"], "many", ("auto",)),
+        "plot-run-missing": ("plot", ["plot", str(partial / "no_run")], str(partial / "no_run"), ()),
+        "report-no-results": ("report", ["report", str(run_dir)], str(run_dir / "eval" / "results.parquet"),
+                              ("bganalysis eval",)),
+        "app-runs-missing": ("app", ["app", str(partial / "no_runs")], str(partial / "no_runs"), ()),
+    }
+    for fault in ("missing", "not_model", "truncated", "unreadable_model"):
+        cases[f"eval-model-{fault}"] = ("eval", ["eval", "--model", str(inputs[fault]), "--data-dir", str(DATA),
+                                                 "--suite", "code"], str(inputs[fault]), ())
+    return cases
+
+
+CASE_IDS = ["eval-suite-unknown", "eval-benchmark-unknown", "eval-data-file-missing", "eval-data-cot-prompt-missing",
+            "eval-data-dir-missing", "eval-limit-zero", "eval-batch-size", "plot-run-missing", "report-no-results",
+            "app-runs-missing", "eval-model-missing", "eval-model-not_model", "eval-model-truncated",
+            "eval-model-unreadable_model"]
+
+
+@pytest.mark.parametrize("name", CASE_IDS)
+def test_bad_input(byte_model, partial_data, inputs, unanalysed_run, tmp_path, name):
+    command, args, named, words = _cases(byte_model, partial_data, inputs, unanalysed_run)[name]
+    out = tmp_path / "out"
+    if command == "eval":
+        args = [*args, "--out", str(out)]
+    before = files_under(unanalysed_run)
+    message = error_line(run(args, tmp_path, timeout=120), command)
+    assert named in message, message
+    assert FIX.search(message), f"the message says no fix: {message}"
+    for word in words:
+        assert word in message, message
+    assert files_under(out) == [] and files_under(unanalysed_run) == before
+
+
+def _progress(out: Path) -> int:
+    """Finished work of an eval run: generated tasks plus finished benchmarks."""
+    lines = sum(path.read_bytes().count(b"\n") for path in out.glob("samples/*/*.generations.jsonl"))
+    return lines + len(list(out.glob("cache/*/*.json")))
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    tables = {"results": pd.read_parquet(out / "results.parquet")}
+    for path in sorted(out.glob("samples/*/*.parquet")):
+        tables[path.name] = pd.read_parquet(path)
+    return tables
+
+
+@pytest.fixture(scope="module")
+def eval_reference(byte_model, tmp_path_factory) -> Path:
+    """The output folder of one uninterrupted `eval` (EVAL)."""
+    out = tmp_path_factory.mktemp("eval_reference") / "eval"
+    ok(run([*EVAL, "--model", str(byte_model), "--out", str(out)], out.parent))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
+def test_eval_resumes_to_the_same_results(eval_reference, byte_model, tmp_path, signum):
+    # 3 HumanEval+ generations, its cache entry, then 3 MBPP+ generations and the last entry: 8 in all.
+    at = random.Random(f"{SEED}-eval-{signum}").randint(1, 6)
+    out = tmp_path / "eval"
+    args = [*EVAL, "--model", str(byte_model), "--out", str(out)]
+    stderr = _interrupt(args, tmp_path, lambda: _progress(out), at, signum)
+    if signum == signal.SIGTERM:
+        assert "interrupted" in stderr, stderr[-3000:]
+        assert "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / "results.parquet").exists()
+    finished = {path.name.split("-")[0] for path in out.glob("cache/*/*.json")}  # benchmark names
+    if signum == signal.SIGKILL:
+        for path in out.glob("samples/*/*.generations.jsonl"):
+            if path.name.split("-")[0] not in finished:
+                with path.open("a") as handle:
+                    handle.write('{"task_id": "Mbpp/2", "gen')  # a write cut off by the kill
+
+    rerun = ok(run(args, tmp_path))
+    assert all(f"{name}: cached" in rerun.stderr for name in finished), rerun.stderr[-3000:]
+    resumed, reference = _tables(out), _tables(eval_reference)
+    assert resumed.keys() == reference.keys()
+    for name, table in reference.items():
+        pd.testing.assert_frame_equal(resumed[name], table)
+    for path in out.glob("samples/*/*.generations.jsonl"):  # every task generated once, no cut-off line kept
+        task_ids = [line.split('"task_id": ')[1].split(",")[0] for line in path.read_text().splitlines()]
+        assert len(task_ids) == len(set(task_ids)) == 3
