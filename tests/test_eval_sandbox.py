@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -155,4 +157,25 @@ def test_wall_clock_limit_kills_the_whole_step():
     finally:
         remove_workdir(workdir)
     time.sleep(0.5)
+    assert _processes_mentioning(f"sleep {marker}") == []
+
+
+def test_killed_caller_leaves_no_sandbox(tmp_path):
+    # SIGKILL gives the caller no chance to clean up: the kernel must end the sandbox (PR_SET_PDEATHSIG).
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 1000 + 1}"
+    script = ("import sys; from bganalysis.evaluation.sandbox import SandboxLimits, private_workdir, run_sandboxed; "
+              f"run_sandboxed('subprocess:call', {{'args': ['/bin/sleep', '{marker}']}}, private_workdir(), "
+              "SandboxLimits(wall_seconds=600))")
+    caller = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_mentioning(f"sleep {marker}"):
+            assert time.monotonic() < deadline and caller.poll() is None, "the sandboxed sleep never started"
+            time.sleep(0.05)
+    finally:
+        caller.kill()
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(f"sleep {marker}") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert _processes_mentioning(f"sleep {marker}") == []

@@ -6,7 +6,8 @@ memory limit (`EVALPLUS_MAX_MEMORY_BYTES`), and disables `os.fork`, `os.kill`,
 (its own docstring says so). This module adds a layer around the whole execution step:
 
 - a child process in its own session (process group), ended with SIGTERM and then
-  SIGKILL at a wall-clock limit, and the whole group killed when it returns;
+  SIGKILL at a wall-clock limit, and the whole group killed when it returns; the
+  child also gets SIGKILL from the kernel when the caller dies, even by SIGKILL;
 - resource limits inherited by every process below it: address space (`memory_bytes`,
   so a 4 GB allocation fails with MemoryError), file size (`file_bytes`, so an output
   flood into a file stops with SIGXFSZ), no core files, and a cap on processes
@@ -89,7 +90,7 @@ def run_sandboxed(function: str, kwargs: dict, workdir: Path, limits: SandboxLim
     workdir = Path(workdir).resolve()
     cgroup = _make_pids_cgroup(limits.processes)
     config = {"function": function, "kwargs": kwargs, "workdir": str(workdir), "limits": asdict(limits),
-              "cgroup": str(cgroup) if cgroup else None}
+              "cgroup": str(cgroup) if cgroup else None, "parent": os.getpid()}
     (workdir / "sandbox.json").write_text(json.dumps(config))
     child_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", "HOME": str(workdir),
                  "TMPDIR": str(workdir), "XDG_CACHE_HOME": str(workdir / "cache"), "PYTHONDONTWRITEBYTECODE": "1",

@@ -13,11 +13,13 @@ import importlib
 import json
 import os
 import resource
+import signal
 import sys
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446  # x86_64 and arm64
 LANDLOCK_CREATE_RULESET_VERSION = 1
@@ -36,6 +38,7 @@ def main(config_path: str) -> None:
     workdir, limits = config["workdir"], config["limits"]
     protections = ["process group", "private working folder"]
 
+    _die_with_parent(config["parent"])
     _join_cgroup(config.get("cgroup"), protections)
     _set_limits(limits, protections)
     _unshare(protections)  # forks: from here on this is pid 1 of a new PID namespace where allowed
@@ -50,6 +53,17 @@ def main(config_path: str) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # do not wait for non-daemon threads (evalplus leaves a 20 s watchdog running)
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """Ask the kernel for SIGKILL when the parent dies, so a killed `bganalysis eval` leaves no sandbox running.
+
+    `parent` is the pid that started this process; if it is gone already, exit at once.
+    `None` (the pid 1 of the PID namespace, whose parent lies outside it) skips the check.
+    """
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _join_cgroup(cgroup: str | None, protections: list[str]) -> None:
@@ -87,6 +101,8 @@ def _unshare(protections: list[str]) -> None:
     protections.append("pid namespace")
     pid = os.fork()
     if pid == 0:
+        # The kernel kills the whole namespace when its pid 1 dies, so this covers every process below.
+        _die_with_parent(None)
         return
     # The parent only relays: it waits for pid 1 of the namespace; when that exits, the
     # kernel kills every process left in the namespace.
