@@ -106,6 +106,8 @@ def build_teacher_cache(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp"):  # the temporary file of a shard whose write a kill cut off
+        stale.unlink()
     index: dict[str, list[int]] = {}
     total = sum(len(example.ids) - example.prompt_length for example in unique.values())
     with tqdm(total=total, desc="cache teacher top-k", unit="token", disable=None) as progress:

@@ -15,6 +15,8 @@ TRAIN = ["--teacher", "lab", "--steps", "24", "--save-every", "3", "--log-every"
 GENERATE = ["--teacher", "lab", "--lab-prompts", "24", "--batch-size", "2", "--max-new-tokens", "24", "--seed", "3"]
 ANALYZE = ["--teacher", "lab", "--lab-docs", "12", "--shard-size", "2", "--max-new-tokens", "8", "--kappa-k", "2",
            "--kappa-rollouts", "2", "--kappa-horizon", "2", "--bootstrap", "10", "--ro-samples", "1"]
+CACHE = ["--teacher", "lab", "--num-docs", "24", "--k", "4", "--max-len", "64", "--batch-size", "2",
+         "--shard-tokens", "24", "--device", "cpu"]
 TABLES = ("tokens", "steps", "next_tokens", "continuations")
 
 

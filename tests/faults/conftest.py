@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bganalysis.lab import lab_tokenizer, sample_documents
-from tests.faults.cli import ANALYZE, GENERATE, TRAIN, ok, run
+from tests.faults.cli import ANALYZE, CACHE, GENERATE, TRAIN, ok, run
 from tests.test_cli_errors import _other_tokenizer as other_tokenizer
 from tests.helpers import tiny_llama
 
@@ -103,3 +103,11 @@ def analyze_reference(tmp_path_factory, inputs) -> Path:
     out = tmp_path_factory.mktemp("analyze_reference")
     ok(run(["analyze", *ANALYZE, "--student", str(inputs["student"]), "--out", str(out)], out))
     return out / "analysis"
+
+
+@pytest.fixture(scope="session")
+def cache_reference(tmp_path_factory) -> Path:
+    """The folder of one uninterrupted `cache-teacher` run (cli.CACHE)."""
+    out = tmp_path_factory.mktemp("cache_reference") / "cache"
+    ok(run(["cache-teacher", *CACHE, "--out", str(out)], out.parent))
+    return out

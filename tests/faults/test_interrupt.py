@@ -1,5 +1,6 @@
-"""SIGINT and SIGKILL at a seeded random point of train, generate and analyze; the resumed result must
-equal an uninterrupted run.
+"""SIGINT, SIGTERM and SIGKILL at a seeded random point of train, generate, analyze and cache-teacher.
+
+The resumed result must equal an uninterrupted run. `test_eval_faults.py` does the same for eval.
 
 The interruption point is counted in finished work (log lines, rows, shards) rather than
 in seconds, so it is the same on a loaded machine; the seed picks it.
@@ -18,7 +19,8 @@ import pandas as pd
 import pytest
 from safetensors.torch import load_file
 
-from tests.faults.cli import ANALYZE, GENERATE, TABLES, TRAIN, command, environment, losses, ok, run
+from tests.faults.cli import (ANALYZE, CACHE, GENERATE, TABLES, TRAIN, command, environment, files_under, losses,
+                              ok, run)
 
 SEED = 7
 
@@ -49,7 +51,7 @@ def _interrupt(args: list[str], cwd: Path, progress, at: int, signum: int, timeo
             process.wait()
     text = log.read_text()
     log.unlink()
-    if signum == signal.SIGINT:
+    if signum in (signal.SIGINT, signal.SIGTERM):
         assert process.returncode == 130, text[-3000:]
         assert "Traceback" not in text, text[-3000:]
     return text
@@ -62,7 +64,7 @@ def _lines(path: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
 def test_train_resumes_to_the_same_student(train_reference, tmp_path, signum):
     at = random.Random(f"{SEED}-train-{signum}").randint(4, 18)
     args = ["train", *TRAIN, "--out", str(tmp_path)]
@@ -93,7 +95,7 @@ def _tear_like_a_kill(run_dir: Path) -> None:
         handle.write('{"step": 99, "loss": 1.2')
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["sigint", "sigterm", "sigkill"])
 def test_generate_resumes_to_the_same_rows(generate_reference, tmp_path, signum):
     at = random.Random(f"{SEED}-generate-{signum}").randint(2, 16)
     out = tmp_path / "labels.jsonl"
@@ -116,3 +118,30 @@ def test_analyze_resumes_to_the_same_tables(analyze_reference, inputs, tmp_path,
     for table in TABLES:
         resumed = pd.read_parquet(tmp_path / "analysis" / f"{table}.parquet")
         pd.testing.assert_frame_equal(resumed, pd.read_parquet(analyze_reference / f"{table}.parquet"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_cache_teacher_resumes_to_the_same_files(cache_reference, tmp_path, signum):
+    shards = sorted(path.name for path in cache_reference.glob("shard-*.safetensors"))
+    at = random.Random(f"{SEED}-cache-{signum}").randint(1, len(shards) - 1)
+    out = tmp_path / "cache"
+    args = ["cache-teacher", *CACHE, "--out", str(out)]
+    _interrupt(args, tmp_path, lambda: len(list(out.glob("shard-*.safetensors"))), at, signum)
+    assert not (out / "manifest.json").exists()  # written last, so an interrupted cache is never read as whole
+    finished = sorted(path.name for path in out.glob("shard-*.safetensors"))
+    if signum == signal.SIGKILL:  # a kill during a write leaves the temporary file behind
+        (out / f".shard-{len(finished):05d}.safetensors.k1ll3d.tmp").write_bytes(b"cut off")
+    rerun = ok(run(args, tmp_path))
+    assert rerun.stderr.count("is complete; skipping it") == len(finished) >= at
+    assert files_under(out) == files_under(cache_reference)
+    assert (out / "manifest.json").read_bytes() == (cache_reference / "manifest.json").read_bytes()
+    for name in shards:  # the order of safetensors metadata keys differs between runs, so compare contents
+        assert _shard(out / name) == _shard(cache_reference / name), name
+
+
+def _shard(path: Path) -> tuple[dict, dict]:
+    """(metadata, tensors as nested lists) of a safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        return handle.metadata(), {name: handle.get_tensor(name).tolist() for name in handle.keys()}
