@@ -55,6 +55,17 @@ def load_causal_lm(path: str, *, device: str = "cpu", dtype: torch.dtype | None 
     return model.to(target_device).eval()
 
 
+def check_model_files(path: str) -> None:
+    """Raise UserError when the local folder `path` lacks config.json or weights, or has cut-off weights.
+
+    Reads only file headers, so a command can check every model it will load before the
+    first one runs. A hub id is left for `load_causal_lm` to check.
+    """
+    source = _model_source(path, "model")
+    if isinstance(source, Path):
+        _check_model_folder(source)
+
+
 def load_tokenizer(path: str):
     """Load the tokenizer stored with a model folder or hub id.
 
@@ -278,6 +289,8 @@ def _from_pretrained(auto_class, source: Path | str, path: str, what: str, **kwa
     from huggingface_hub import constants
     from safetensors import SafetensorError
 
+    if isinstance(source, str) and not constants.is_offline_mode() and not _in_hub_cache(source, what):
+        logger.info("fetching %s %s from the Hugging Face Hub (HF_HUB_OFFLINE=1 forbids downloads)", what, source)
     try:
         return auto_class.from_pretrained(str(source), **kwargs)
     except OSError as error:
@@ -292,6 +305,17 @@ def _from_pretrained(auto_class, source: Path | str, path: str, what: str, **kwa
         raise UserError(
             f"{what} {path}: loading failed ({_first_line(error)}); re-save or re-download the {what}"
         ) from None
+
+
+def _in_hub_cache(repo_id: str, what: str) -> bool:
+    """Return whether the local hub cache contains the config of `repo_id`'s model or tokenizer (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    name = "tokenizer_config.json" if what == "tokenizer" else "config.json"
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, name), str)
+    except ValueError:  # not a valid repo id: loading will fail with its own message
+        return False
 
 
 def _first_line(error: Exception) -> str:

@@ -1,10 +1,14 @@
 """The same command twice gives the same tables on CPU, the recorded settings carry seeds,
-versions and the git commit, and an uncached hub id fails at once when offline."""
+versions and the git commit, an uncached hub id fails at once when offline and is announced
+before its download when online."""
 
 from __future__ import annotations
 
 import json
+import re
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -94,3 +98,42 @@ def test_offline_hub_id_fails_at_once(inputs, tmp_path, command, args):
     message = error_line(result, command)
     assert MADE_UP_HUB_ID in message and "HF_HUB_OFFLINE" in message
     assert files_under(out) == []
+
+
+class _NotFoundHub(BaseHTTPRequestHandler):
+    """A stand-in for the hub on loopback: every file is missing (404 is not retried, so the test is quick)."""
+
+    requests: list[str] = []
+
+    def _not_found(self):
+        self.requests.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _not_found
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("command, args", [
+    ("derive-student", [MADE_UP_HUB_ID, "--layers", "1"]),
+    ("generate", ["--teacher", MADE_UP_HUB_ID, "--prompts", "{prompts}"]),
+])
+def test_online_download_is_announced(inputs, tmp_path, command, args):
+    args = [arg.replace("{prompts}", str(inputs["prompts"])) for arg in args]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _NotFoundHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _NotFoundHub.requests.clear()
+    try:
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}",
+               "HF_HOME": str(tmp_path / "hf_home"), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
+        result = run([command, *args, "--out", str(tmp_path / "out")], tmp_path, timeout=90, env=env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    announcement = re.compile(f"fetching (model|tokenizer) {re.escape(MADE_UP_HUB_ID)} from the Hugging Face Hub")
+    assert announcement.search(result.stderr), result.stderr[-3000:]
+    assert _NotFoundHub.requests  # the command did contact the hub stand-in
+    assert MADE_UP_HUB_ID in error_line(result, command)
