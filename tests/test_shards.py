@@ -161,3 +161,14 @@ def test_sigterm_keeps_finished_shards(student, uninterrupted, tmp_path):
     _, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr
     _assert_same_tables(tmp_path, uninterrupted)
+
+
+def test_settings_added_later_keep_older_shards():
+    from bganalysis.analysis.pipeline import config_dict
+    from bganalysis.analysis.shards import fingerprint
+
+    settings = config_dict(AnalyzeConfig(teacher="lab", students=["s"], out="o"))
+    older = {key: value for key, value in settings.items() if key not in ("kappa_random", "estimators")}
+    assert fingerprint(settings)["hash"] == fingerprint(older)["hash"]
+    changed = {**settings, "estimators": ["teacher_only"]}
+    assert fingerprint(changed)["hash"] != fingerprint(older)["hash"]

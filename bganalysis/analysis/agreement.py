@@ -28,15 +28,17 @@ def estimator_scores(positions: pd.DataFrame, ranking: str = "kappa") -> dict[st
     `ranking` (kappa, kappa_abs or kappa_spread) picks the column of the kappa estimators:
     Monte-Carlo `kappa`, `teacher_only` and, on the lab, `exact`.
     """
-    scores = {"kappa": positions[ranking]}
-    if f"teacher_only_{ranking}" in positions:
-        scores["teacher_only"] = positions[f"teacher_only_{ranking}"]
-    if f"exact_{ranking}" in positions:
-        scores["exact"] = positions[f"exact_{ranking}"]
+    columns = {"kappa": ranking, "teacher_only": f"teacher_only_{ranking}", "exact": f"exact_{ranking}"}
+    scores = {name: positions[column] for name, column in columns.items() if _has_values(positions, column)}
     for proxy, sign in PROXY_RISK_SCORES.items():
-        if proxy in positions:
+        if _has_values(positions, proxy):
             scores[proxy] = sign * positions[proxy]
     return scores
+
+
+def _has_values(positions: pd.DataFrame, column: str) -> bool:
+    """Return whether `column` exists and is not all NaN (an estimator that `--estimators` left out)."""
+    return column in positions and bool(positions[column].notna().any())
 
 
 def spearman(a: pd.Series, b: pd.Series) -> float:

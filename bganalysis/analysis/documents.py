@@ -41,7 +41,7 @@ def generator_for(seed: int, doc_index: int, purpose: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed_for(seed, doc_index, purpose))
 
 
-PURPOSE_RESPONSE, PURPOSE_ROLLOUT, PURPOSE_KAPPA, PURPOSE_WINDOW = 1, 2, 3, 4
+PURPOSE_RESPONSE, PURPOSE_ROLLOUT, PURPOSE_KAPPA, PURPOSE_WINDOW, PURPOSE_ACTIONS = 1, 2, 3, 4, 5
 
 
 def encode_prompt(tokenizer, prompt: str, chat_template: bool, max_prompt_tokens: int) -> list[int]:

@@ -23,11 +23,12 @@ def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFra
         plt.close(figure)
     first_model = tokens.model.iloc[0]
     positions = tokens[tokens.model == first_model]
-    figure = plot_kappa_map(plt, positions, heatmap_docs)
+    column, _ = label_kappa(summary)
+    figure = plot_kappa_map(plt, positions, heatmap_docs, column)
     save(figure, folder, "kappa_map")
     plt.close(figure)
     if "exact_kappa" in positions:
-        figure = plot_kappa_vs_exact(plt, positions, summary)
+        figure = plot_kappa_vs_exact(plt, positions, summary, column)
         save(figure, folder, "kappa_vs_exact")
         plt.close(figure)
     else:
@@ -36,6 +37,15 @@ def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFra
 
 
 MIN_DOCUMENTS_PER_STEP = 5
+# Column and display name of each kappa estimator that `analyze --estimators` can run.
+KAPPA_ESTIMATOR_COLUMNS = {"monte_carlo": ("kappa", "Monte-Carlo kappa"),
+                           "teacher_only": ("teacher_only_kappa", "teacher-only kappa")}
+KAPPA_NAMES = dict(KAPPA_ESTIMATOR_COLUMNS.values())
+
+
+def label_kappa(summary: dict) -> tuple[str, str]:
+    """Return (column, name) of the kappa estimator whose ranking labelled the regions."""
+    return KAPPA_ESTIMATOR_COLUMNS[summary.get("labels", {}).get("estimator", "monte_carlo")]
 
 
 def plot_eb_per_step(plt, steps: pd.DataFrame, window: int | None = None):
@@ -86,8 +96,8 @@ def plot_eb_regions(plt, summary: dict):
     return figure
 
 
-def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 24):
-    """Tokens laid out as text, each cell coloured by kappa, with the region marked below."""
+def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, kappa_column: str = "kappa", per_line: int = 24):
+    """Tokens laid out as text, each cell coloured by the kappa in `kappa_column`, with the region marked below."""
     doc_ids = list(dict.fromkeys(positions.doc_id))[:max_docs]
     lines = []
     for doc_id in doc_ids:
@@ -95,7 +105,7 @@ def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 
         lines.append((f"{doc_id}", None))
         for start in range(0, len(doc), per_line):
             lines.append((None, doc.iloc[start:start + per_line]))
-    kappa = positions.kappa.to_numpy()
+    kappa = positions[kappa_column].to_numpy()
     low, high = np.nanpercentile(kappa, 2), np.nanpercentile(kappa, 98)
     import matplotlib
 
@@ -108,17 +118,18 @@ def plot_kappa_map(plt, positions: pd.DataFrame, max_docs: int, per_line: int = 
             axis.text(0, y, title, fontsize=9, fontweight="bold", va="center")
             continue
         for column, (_, token) in enumerate(chunk.iterrows()):
-            colour = colormap(norm(token.kappa))
+            colour = colormap(norm(token[kappa_column]))
             axis.add_patch(matplotlib.patches.Rectangle((column, y - 0.4), 0.95, 0.8, color=colour))
             text = display_token(str(token.token))
             axis.text(column + 0.47, y, text, ha="center", va="center", fontsize=6.5,
-                      color="white" if norm(token.kappa) > 0.6 else "black")
+                      color="white" if norm(token[kappa_column]) > 0.6 else "black")
             axis.plot([column + 0.05, column + 0.9], [y - 0.45] * 2, color=REGION_COLOURS.get(token.region, "#7f8c8d"), linewidth=2)
     axis.set_xlim(0, per_line)
     axis.set_ylim(0, len(lines) + 1)
     axis.axis("off")
-    axis.set_title("kappa per token (darker = riskier); underline: red = Bridge, green = Garden, grey = unlabelled")
-    figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, fraction=0.02, label="kappa (nats)")
+    name = KAPPA_NAMES.get(kappa_column, kappa_column)
+    axis.set_title(f"{name} per token (darker = riskier); underline: red = Bridge, green = Garden, grey = unlabelled")
+    figure.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=colormap), ax=axis, fraction=0.02, label=f"{name} (nats)")
     return figure
 
 
@@ -128,13 +139,13 @@ def display_token(text: str, width: int = 7) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict):
+def plot_kappa_vs_exact(plt, positions: pd.DataFrame, summary: dict, column: str = "kappa"):
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
     for role, frame in positions.groupby("true_role"):
-        axis.scatter(frame.exact_kappa, frame.kappa, s=10, alpha=0.6, label=f"true {role}",
+        axis.scatter(frame.exact_kappa, frame[column], s=10, alpha=0.6, label=f"true {role}",
                      color=REGION_COLOURS.get(role, "#7f8c8d"))
     rho = summary["kappa"].get("spearman_vs_exact")
-    axis.set(xlabel="exact kappa (nats, dynamic programming)", ylabel="Monte-Carlo kappa (nats)",
+    axis.set(xlabel="exact kappa (nats, dynamic programming)", ylabel=f"{KAPPA_NAMES.get(column, column)} (nats)",
              title=f"Lab: estimate vs exact (Spearman rho = {rho:.3f})" if rho is not None else "Lab: estimate vs exact")
     axis.legend(fontsize=8)
     figure.tight_layout()

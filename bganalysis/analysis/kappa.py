@@ -20,15 +20,31 @@ from bganalysis.losses import kl_from_logprobs
 from bganalysis.rollout import ModelRunner, rollouts_after_tokens
 
 
-def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None) -> torch.Tensor:
-    """Return the teacher's top-k token ids, plus `observed` when given and not among them.
+# The kappa estimators `bganalysis analyze --estimators` can run, and the columns they fill.
+KAPPA_ESTIMATORS = ("monte_carlo", "teacher_only")
+KAPPA_COLUMNS = ("kappa", "kappa_se", "kappa_abs", "kappa_spread",
+                 "teacher_only_kappa", "teacher_only_kappa_abs", "teacher_only_kappa_spread")
 
-    Ties go to the smaller id (stable sort), so the set is reproducible.
+
+def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None, random: int = 0,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return the teacher's top-k token ids, then `observed` when given and not among them, then `random` others.
+
+    Ties go to the smaller id (stable sort), so the set is reproducible. The random
+    tokens are drawn with `generator`, without replacement, from the tokens the teacher
+    gives a finite log-probability and the set does not hold yet, in ascending id order.
+    They probe actions far from the teacher's choice, which the top-k never contains.
     """
     order = torch.sort(teacher_logprobs, descending=True, stable=True).indices
     actions = order[:k]
     if observed is not None and not bool((actions == observed).any()):
         actions = torch.cat([actions, torch.tensor([observed])])
+    if random > 0:
+        candidates = torch.isfinite(teacher_logprobs)
+        candidates[actions] = False
+        pool = candidates.nonzero().squeeze(1)
+        picks = pool[torch.randperm(len(pool), generator=generator)[:random]]
+        actions = torch.cat([actions, picks.sort().values])
     return actions
 
 

@@ -28,10 +28,12 @@ def write_outputs(config, setup, results) -> dict:
 
     out = Path(config.out)
     positions = position_frame(setup, results)
-    positions["region"], thresholds = label_frame(positions, config.label_ranking, config.bridge_fraction,
+    positions["region"], thresholds = label_frame(positions, config.label_column(), config.bridge_fraction,
                                                   config.garden_fraction, config.label_scope)
-    positions["teacher_only_region"], _ = label_frame(positions, "teacher_only_" + config.label_ranking,
-                                                      config.bridge_fraction, config.garden_fraction, config.label_scope)
+    if "teacher_only" in config.estimators:
+        positions["teacher_only_region"], _ = label_frame(positions, "teacher_only_" + config.label_ranking,
+                                                          config.bridge_fraction, config.garden_fraction,
+                                                          config.label_scope)
     has_exact = "exact_kappa" in positions
     if has_exact:
         exact_column = "exact_" + config.label_ranking
@@ -70,11 +72,11 @@ def write_outputs(config, setup, results) -> dict:
         "documents": len(results),
         "positions": int(len(positions)),
         "kappa_student": setup.kappa_student,
-        "labels": {"ranking": config.label_ranking, "scope": config.label_scope,
+        "labels": {"estimator": config.label_estimator, "ranking": config.label_ranking, "scope": config.label_scope,
                    "bridge_fraction": config.bridge_fraction, "garden_fraction": config.garden_fraction,
                    "thresholds": thresholds},
         "students": students,
-        "kappa": _kappa_summary(positions, has_exact),
+        "kappa": _kappa_summary(positions, has_exact, config.label_column()),
         "agreement": estimator_agreement(positions, config.label_ranking, config.bridge_fraction,
                                          config.garden_fraction, config.label_scope),
     }
@@ -172,7 +174,12 @@ def _student_summary(arrays, region_masks, weights) -> dict:
     return summary
 
 
-def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
+def _kappa_summary(positions: pd.DataFrame, has_exact: bool, label_column: str) -> dict:
+    """Return the mean Monte-Carlo kappa and se, and each estimator's rho against it and the exact kappa.
+
+    Values of an estimator that did not run are NaN (None in summary.json). The label
+    F1 scores are those of `label_column`, the ranking the regions come from.
+    """
     summary = {
         "mean": float(positions.kappa.mean()),
         "mean_se": float(positions.kappa_se.mean()),
@@ -187,11 +194,12 @@ def _kappa_summary(positions: pd.DataFrame, has_exact: bool) -> dict:
     teacher_only = {"spearman_vs_kappa": _spearman(positions.teacher_only_kappa, positions.kappa)}
     if has_exact:
         teacher_only["spearman_vs_exact"] = _spearman(positions.teacher_only_kappa, positions.exact_kappa)
+    if has_exact and "teacher_only_region" in positions:
         for label in ("bridge", "garden"):
             teacher_only[f"{label}_vs_true_role"] = set_agreement(positions.teacher_only_region, positions.true_role, label)
     summary["teacher_only"] = teacher_only
     if has_exact:
-        summary["spearman_vs_exact"] = _spearman(positions.kappa, positions.exact_kappa)
+        summary["spearman_vs_exact"] = _spearman(positions[label_column], positions.exact_kappa)
         for label in ("bridge", "garden"):
             summary[f"{label}_vs_exact"] = set_agreement(positions.region, positions.exact_region, label)
             summary[f"{label}_vs_true_role"] = set_agreement(positions.region, positions.true_role, label)

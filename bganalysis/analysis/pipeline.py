@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, generator_for
 from bganalysis.analysis.details import first_continuation, top_next_tokens
-from bganalysis.analysis.kappa import (action_weights, kappa_from_q, monte_carlo_kappa, select_actions,
-                                      teacher_only_kappa, teacher_proxies)
+from bganalysis.analysis.kappa import (KAPPA_COLUMNS, KAPPA_ESTIMATORS, action_weights, kappa_from_q,
+                                      monte_carlo_kappa, select_actions, teacher_only_kappa, teacher_proxies)
 from bganalysis.analysis.kappa_sampling import KAPPA_SAMPLING, RolloutSpread
 from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
 from bganalysis.analysis.statistics import StepArrays
@@ -58,6 +58,8 @@ class AnalyzeConfig:
     kappa_sampling: str = "stratified"  # uniforms of the rollouts: stratified, common or independent (plain)
     windows: list[int] = field(default_factory=list)  # W values for windowed EB; empty skips it
     kappa_include_observed: bool = False  # add the observed token to the action set when it is not in the top K
+    kappa_random: int = 0  # random tokens added to the action set of each position
+    estimators: list[str] = field(default_factory=lambda: list(KAPPA_ESTIMATORS))  # kappa estimators to run
     bridge_fraction: float = 0.3
     garden_fraction: float = 0.3
     label_scope: str = "document"
@@ -70,6 +72,16 @@ class AnalyzeConfig:
     shard_size: int = 8  # documents per saved shard; a rerun skips finished shards
     force: bool = False  # discard saved shards computed with other settings
     names: list[str] = field(default_factory=list, init=False)
+
+    @property
+    def label_estimator(self) -> str:
+        """Return the kappa estimator whose ranking labels Bridges and Gardens: the first selected of KAPPA_ESTIMATORS."""
+        return next(name for name in KAPPA_ESTIMATORS if name in self.estimators)
+
+    def label_column(self) -> str:
+        """Return the column of `positions` the labels rank by."""
+        prefix = "" if self.label_estimator == "monte_carlo" else "teacher_only_"
+        return prefix + self.label_ranking
 
     def __post_init__(self):
         checks = [
@@ -92,6 +104,9 @@ class AnalyzeConfig:
             ("shard_size", self.shard_size >= 1, "an integer >= 1"),
             ("windows", all(isinstance(w, int) and w >= 1 for w in self.windows), "a list of integers >= 1, e.g. 1,3,5"),
             ("bootstrap", self.bootstrap >= 10, "an integer >= 10"),
+            ("kappa_random", self.kappa_random >= 0, "an integer >= 0"),
+            ("estimators", bool(self.estimators) and set(self.estimators) <= set(KAPPA_ESTIMATORS),
+             "a comma-separated list of: " + ", ".join(KAPPA_ESTIMATORS)),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -233,26 +248,31 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
     """
     teacher_logprobs = doc_teacher_logprobs[t]
     observed = doc.response_ids[t] if config.kappa_include_observed else None
-    actions = select_actions(teacher_logprobs, config.kappa_k, observed)
+    action_generator = generator_for(config.seed, index, docs_module.PURPOSE_ACTIONS * 100_003 + t)
+    actions = select_actions(teacher_logprobs, config.kappa_k, observed, config.kappa_random, action_generator)
     weights = action_weights(teacher_logprobs, actions)
     row = {"position": t, "token_id": doc.response_ids[t], "action_set_size": len(actions)}
     row.update(teacher_proxies(teacher_logprobs))
 
-    generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
-    estimate = monte_carlo_kappa(
-        setup.teacher, setup.students[setup.kappa_student], len(doc.prompt_ids) + t, teacher_logprobs,
-        actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids, config.kappa_sampling,
-        spread,
-    )
-    row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
-    row.update({"action_ids": estimate["actions"], "action_q": estimate["q"]})  # loss-to-go per forced action
+    row.update({key: math.nan for key in KAPPA_COLUMNS})  # an estimator that does not run leaves NaN
+    row.update({"action_ids": actions.tolist(), "action_q": [math.nan] * len(actions)})
+    if "monte_carlo" in config.estimators:
+        generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
+        estimate = monte_carlo_kappa(
+            setup.teacher, setup.students[setup.kappa_student], len(doc.prompt_ids) + t, teacher_logprobs,
+            actions, config.kappa_rollouts, config.kappa_horizon, generator, setup.eos_ids, config.kappa_sampling,
+            spread,
+        )
+        row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
+        row.update({"action_ids": estimate["actions"], "action_q": estimate["q"]})  # loss-to-go per forced action
 
-    horizon = min(config.kappa_horizon, len(doc.response_ids) - 1 - t)
-    counterfactual = teacher_only_kappa(
-        setup.teacher, len(doc.prompt_ids) + t, actions, weights, doc.response_ids[t + 1:t + horizon],
-        doc_teacher_logprobs[t + 1:t + 1 + horizon], setup.eos_ids,
-    )
-    row.update({f"teacher_only_{key}": value for key, value in counterfactual.items()})
+    if "teacher_only" in config.estimators:
+        horizon = min(config.kappa_horizon, len(doc.response_ids) - 1 - t)
+        counterfactual = teacher_only_kappa(
+            setup.teacher, len(doc.prompt_ids) + t, actions, weights, doc.response_ids[t + 1:t + horizon],
+            doc_teacher_logprobs[t + 1:t + 1 + horizon], setup.eos_ids,
+        )
+        row.update({f"teacher_only_{key}": value for key, value in counterfactual.items()})
 
     if setup.exact is not None:
         q = setup.exact.q_values(doc.states[t], actions.tolist(), config.kappa_horizon)

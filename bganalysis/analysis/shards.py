@@ -36,9 +36,15 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+# Settings added after shards were first written, at the value that gives the results of before.
+# At that value they are left out of the fingerprint, so shards written earlier still match.
+ADDED_WITH_DEFAULT = {"kappa_random": 0, "estimators": ["monte_carlo", "teacher_only"]}
+
+
 def fingerprint(settings: dict) -> dict:
     """Return the settings that determine per-document results, with their hash."""
-    relevant = {key: value for key, value in sorted(settings.items()) if key not in AGGREGATION_ONLY}
+    relevant = {key: value for key, value in sorted(settings.items())
+                if key not in AGGREGATION_ONLY and not (key in ADDED_WITH_DEFAULT and ADDED_WITH_DEFAULT[key] == value)}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return {"hash": digest, "settings": relevant}
 

@@ -18,7 +18,8 @@ from bganalysis.plots.style import REGION_COLOURS, REGION_NAMES
 
 # colour mode -> (column, colormap, legend)
 COLOUR_MODES = {
-    "kappa": ("kappa", "magma_r", "kappa (nats): darker = riskier"),
+    "kappa": ("kappa", "magma_r", "Monte-Carlo kappa (nats): darker = riskier"),
+    "teacher-only kappa": ("teacher_only_kappa", "magma_r", "teacher-only kappa (nats): darker = riskier"),
     "region": ("region", None, "region: red = Bridge, green = Garden, grey = unlabelled"),
     "teacher entropy": ("teacher_entropy", "Blues", "teacher entropy (nats): darker = more spread"),
     "per-token loss": ("tf_loss", "Oranges", "teacher-forced forward KL of the chosen student (nats): darker = worse"),
@@ -55,6 +56,8 @@ def _hex_colours(values: np.ndarray, colormap: str) -> tuple[list[str], list[str
 
 def token_colours(rows: pd.DataFrame, mode: str) -> tuple[list[str], list[str]]:
     column, colormap, _ = COLOUR_MODES[mode]
+    if column not in rows:  # a table written before this column existed: every token grey
+        return _hex_colours(np.full(len(rows), np.nan), colormap or "Greys")
     if colormap is None:
         backgrounds = [REGION_COLOURS.get(region, "#7f8c8d") + "55" for region in rows[column]]
         return backgrounds, ["#000000"] * len(rows)
@@ -63,7 +66,8 @@ def token_colours(rows: pd.DataFrame, mode: str) -> tuple[list[str], list[str]]:
 
 def _tooltip(row) -> str:
     parts = [f"position {row.position}", f"token {visible(str(row.token))!r}",
-             f"kappa {row.kappa:.3f} ± {row.kappa_se:.3f}", f"region {REGION_NAMES.get(row.region, row.region)}",
+             f"kappa {row.kappa:.3f} ± {row.kappa_se:.3f}", f"teacher-only kappa {getattr(row, 'teacher_only_kappa', np.nan):.3f}",
+             f"region {REGION_NAMES.get(row.region, row.region)}",
              f"teacher entropy {row.teacher_entropy:.3f}"]
     if "true_role" in row._fields:
         parts.append(f"true role {row.true_role}")

@@ -32,6 +32,12 @@ def register(subparsers) -> None:
                              "plain uniforms shared by the actions, or independent uniforms per action (plain Monte Carlo)")
     parser.add_argument("--kappa-student", default=argparse.SUPPRESS, help="name of the student whose losses kappa sums (default: the first)")
     parser.add_argument("--windows", type=_windows, default=[], help="comma-separated W values for windowed EB (the student writes W tokens after the teacher prefix up to t - W), e.g. 1,3,5")
+    parser.add_argument("--kappa-random", type=int, default=0, metavar="N",
+                        help="add N random tokens (drawn per position, outside the set) to the action set")
+    parser.add_argument("--estimators", type=_names, default=["monte_carlo", "teacher_only"],
+                        help="kappa estimators to run, comma-separated: monte_carlo (student-aware, rollouts; the "
+                             "costly one), teacher_only (counterfactual, no student). The teacher proxies always run, "
+                             "and the exact kappa on the lab. Labels rank by the first one run in this order")
     parser.add_argument("--kappa-include-observed", action="store_true", help="add the observed response token to the action set when it is not among the teacher's top K")
     parser.add_argument("--bridge-fraction", type=float, default=0.3, help="share of positions labelled Bridge (highest kappa)")
     parser.add_argument("--garden-fraction", type=float, default=0.3, help="share of positions labelled Garden (lowest kappa)")
@@ -56,6 +62,10 @@ def _windows(text: str) -> list[int]:
     return values
 
 
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def run(args) -> None:
     import json
     import logging
@@ -71,4 +81,5 @@ def run(args) -> None:
              for name, entry in summary["students"].items()}
     logging.getLogger("bganalysis").info("summary: %s", json.dumps(brief))
     if summary.get("kappa_spearman_vs_exact") is not None:
-        logging.getLogger("bganalysis").info("kappa Spearman vs exact (lab): %.3f", summary["kappa_spearman_vs_exact"])
+        logging.getLogger("bganalysis").info("%s kappa Spearman vs exact (lab): %.3f", summary["labels"]["estimator"],
+                                             summary["kappa_spearman_vs_exact"])

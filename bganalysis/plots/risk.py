@@ -31,9 +31,11 @@ def positions_of(tokens: pd.DataFrame) -> pd.DataFrame:
     return tokens[tokens.model == tokens.model.iloc[0]]
 
 
-def plot_kappa_vs_proxies(plt, positions: pd.DataFrame):
-    """kappa against each proxy (and the teacher-only estimate), coloured by region, with Spearman rho."""
-    proxies = [name for name in PROXY_LABELS if name in positions]
+def plot_kappa_vs_proxies(plt, positions: pd.DataFrame, kappa: tuple[str, str] = ("kappa", "Monte-Carlo kappa")):
+    """Plot the `kappa` estimator (column, name) against each proxy and the other estimator, coloured by region."""
+    column, name = kappa
+    proxies = [proxy for proxy in PROXY_LABELS
+               if proxy != column and proxy in positions and positions[proxy].notna().any()]
     columns = 2
     rows = -(-len(proxies) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(10, 3.6 * rows), sharey=True, squeeze=False)
@@ -41,18 +43,19 @@ def plot_kappa_vs_proxies(plt, positions: pd.DataFrame):
         axis.set_visible(False)
     for axis, proxy in zip(axes.flat, proxies):
         for region, frame in positions.groupby("region"):
-            axis.scatter(frame[proxy], frame.kappa, s=8, alpha=0.5, color=REGION_COLOURS.get(region, "#7f8c8d"),
+            axis.scatter(frame[proxy], frame[column], s=8, alpha=0.5, color=REGION_COLOURS.get(region, "#7f8c8d"),
                          label=REGION_NAMES.get(region, region))
-        axis.set(xlabel=PROXY_LABELS[proxy], title=f"Spearman rho = {spearman(positions[proxy], positions.kappa):.3f}")
+        axis.set(xlabel=PROXY_LABELS[proxy], title=f"Spearman rho = {spearman(positions[proxy], positions[column]):.3f}")
     for axis in axes[:, 0]:
-        axis.set_ylabel("Monte-Carlo kappa (nats)")
+        axis.set_ylabel(f"{name} (nats)")
     axes[0][0].legend(fontsize=8, title="region")
     figure.tight_layout()
     return figure
 
 
-def plot_kappa_by_region(plt, positions: pd.DataFrame):
-    """The distribution of kappa per assigned region (and per true role on the lab)."""
+def plot_kappa_by_region(plt, positions: pd.DataFrame, kappa: tuple[str, str] = ("kappa", "Monte-Carlo kappa")):
+    """Plot the `kappa` estimator (column, name) per assigned region, and per true role on the lab, as boxes."""
+    kappa_column, name = kappa
     import seaborn as sns
 
     groups = [("region", "assigned region (by kappa rank)")]
@@ -64,9 +67,9 @@ def plot_kappa_by_region(plt, positions: pd.DataFrame):
         order = [name for name in ("Bridge", "unlabelled", "Garden") if name in set(frame.group)]
         order += sorted(set(frame.group) - set(order))
         palette = {REGION_NAMES.get(key, key): colour for key, colour in REGION_COLOURS.items()}
-        sns.boxplot(data=frame, x="group", y="kappa", order=order, hue="group", palette=palette, ax=axis,
+        sns.boxplot(data=frame, x="group", y=kappa_column, order=order, hue="group", palette=palette, ax=axis,
                     fliersize=2, legend=False)
-        axis.set(xlabel=label, ylabel="Monte-Carlo kappa (nats)" if axis is axes[0][0] else "")
+        axis.set(xlabel=label, ylabel=f"{name} (nats)" if axis is axes[0][0] else "")
     figure.tight_layout()
     return figure
 
@@ -78,6 +81,8 @@ def agreement_table(summary: dict) -> pd.DataFrame:
     entries = {"Monte-Carlo kappa": {"spearman_vs_exact": kappa.get("spearman_vs_exact"), "spearman_vs_kappa": 1.0},
                "teacher-only kappa": kappa.get("teacher_only", {}),
                **{f"proxy: {name}": entry for name, entry in kappa.get("proxies", {}).items()}}
+    if summary.get("labels", {}).get("estimator", "monte_carlo") != "monte_carlo":
+        del entries["Monte-Carlo kappa"]  # not run: spearman_vs_exact above is the labelling estimator's
     for name, entry in entries.items():
         rows.append({"estimator": name, "rho vs Monte-Carlo kappa": entry.get("spearman_vs_kappa"),
                      "rho vs exact kappa": entry.get("spearman_vs_exact")})

@@ -61,8 +61,8 @@ def write_all_figures(run: Path, reference: str | None = None) -> list[str]:
     positions = risk.positions_of(tokens)
     drawings = {
         "eb_region_steps": lambda: risk.plot_eb_per_region_step(plt, tokens),
-        "kappa_vs_proxies": lambda: risk.plot_kappa_vs_proxies(plt, positions),
-        "kappa_by_region": lambda: risk.plot_kappa_by_region(plt, positions),
+        "kappa_vs_proxies": lambda: risk.plot_kappa_vs_proxies(plt, positions, figures.label_kappa(summary)),
+        "kappa_by_region": lambda: risk.plot_kappa_by_region(plt, positions, figures.label_kappa(summary)),
         "estimator_agreement": lambda: risk.plot_estimator_agreement(plt, summary),
     }
     for window in summary.get("settings", {}).get("windows", []):

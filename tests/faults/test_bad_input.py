@@ -95,6 +95,7 @@ def _cases() -> dict[str, tuple]:
         "train", lambda i, o: _train(i, o, extra=("--recipe", _recipe(o))), "lr", ("[4, 8]",))
     for flag, value, listed in [("--kappa-sampling", "quasi", ("stratified", "common", "independent")),
                                 ("--label-ranking", "risk", ("kappa", "kappa_abs", "kappa_spread")),
+                                ("--estimators", "rollouts", ("monte_carlo", "teacher_only")),
                                 ("--bridge-fraction", "0.8", ())]:
         cases[f"analyze{flag}-{value}"] = ("analyze", lambda i, o, f=flag, v=value: _analyze(i, o, extra=(f, v)), value, listed)
     for flag, value in [("--top-p", "0"), ("--max-new-tokens", "four")]:

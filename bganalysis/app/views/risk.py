@@ -6,6 +6,7 @@ from pathlib import Path
 
 import streamlit as st
 
+from bganalysis.analysis.figures import label_kappa
 from bganalysis.app import data
 from bganalysis.app.views.figures import show
 from bganalysis.plots import risk
@@ -20,11 +21,12 @@ def render(run: Path, names: list[str]) -> None:
         return
     positions = risk.positions_of(tokens)
     stamp = (str(run), data.stamp(run / "analysis" / "tokens.parquet"))
-    st.subheader("kappa against each proxy")
-    show(("proxies", *stamp), lambda plt: risk.plot_kappa_vs_proxies(plt, positions))
-    st.subheader("kappa per region")
-    show(("regions", *stamp), lambda plt: risk.plot_kappa_by_region(plt, positions))
+    kappa = label_kappa(summary)  # the estimator the regions were labelled by
+    st.subheader(f"{kappa[1]} against each proxy")
+    show(("proxies", *stamp), lambda plt: risk.plot_kappa_vs_proxies(plt, positions, kappa))
+    st.subheader(f"{kappa[1]} per region")
+    show(("regions", *stamp), lambda plt: risk.plot_kappa_by_region(plt, positions, kappa))
     st.subheader("Estimator agreement (Spearman rho)")
     st.dataframe(risk.agreement_table(summary), hide_index=True)
-    st.caption(f"kappa: Monte-Carlo, student-aware, with student {summary.get('kappa_student')}; "
+    st.caption(f"Monte-Carlo kappa is student-aware, with student {summary.get('kappa_student')}; "
                f"{len(positions)} positions. Proxies are oriented so that larger means riskier.")

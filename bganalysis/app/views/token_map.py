@@ -95,7 +95,10 @@ def show_document(run: Path, doc: str, student: str, mode: str, positions: pd.Da
 def show_details(run: Path, doc: str, row: pd.Series, models: list[str]) -> None:
     st.subheader(f"Position {row.position}: {row.token!r}")
     cells = st.columns([2, 1, 1, 1, 1])
-    cells[0].metric("kappa ± standard error (nats)", f"{row.kappa:.2f} ± {row.kappa_se:.2f}")
+    if pd.notna(row.kappa) or "teacher_only_kappa" not in row:
+        cells[0].metric("kappa ± standard error (nats)", f"{row.kappa:.2f} ± {row.kappa_se:.2f}")
+    else:  # analysed with --estimators teacher_only
+        cells[0].metric("teacher-only kappa (nats)", f"{row.teacher_only_kappa:.2f}")
     cells[1].metric("region", REGION_NAMES.get(row.region, row.region))
     cells[2].metric("teacher entropy (nats)", f"{row.teacher_entropy:.3f}")
     if "exact_kappa" in row:
@@ -131,7 +134,8 @@ def show_details(run: Path, doc: str, row: pd.Series, models: list[str]) -> None
 
 def action_table(row: pd.Series, next_tokens: pd.DataFrame | None) -> pd.DataFrame:
     """One row per evaluated action: Q (Monte-Carlo, exact on the lab) and kappa(a|s) where weights are known."""
-    table = pd.DataFrame({"action": list(row.action_tokens), "Q (Monte-Carlo)": list(row.action_q)})
+    # NaN (stored as null) where the Monte-Carlo estimator did not run (`analyze --estimators teacher_only`).
+    table = pd.DataFrame({"action": list(row.action_tokens), "Q (Monte-Carlo)": np.array(list(row.action_q), dtype=float)})
     if "exact_action_q" in row and row.exact_action_q is not None:
         table["Q (exact)"] = list(row.exact_action_q)
     if next_tokens is not None:
