@@ -335,6 +335,16 @@ def _check_model_folder(folder: Path) -> None:
             f"{folder} has config.json but no weights (no *.safetensors or pytorch_model*.bin); "
             "save the model with save_pretrained or download its weight files"
         )
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{index} is not a valid weight index; re-save or re-download the model") from None
+        missing = [name for name in shards if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f"{folder}: weight shard {missing[0]} listed in {index.name} is missing "
+                            f"({len(missing)} of {len(shards)} shards); re-save or re-download the model")
     for file in sorted(folder.glob("*.safetensors")):
         _check_safetensors_size(file)
 
@@ -345,7 +355,13 @@ def _check_safetensors_size(file: Path) -> None:
     A safetensors file is an 8-byte little-endian header length, a JSON header giving
     each tensor's byte range, then the tensor data.
     """
-    problem = _safetensors_problem(file)
+    if not file.is_file():
+        raise UserError(f"weights file {file} is not a readable file (a folder or a broken link); "
+                        "re-save or re-download the model")
+    try:
+        problem = _safetensors_problem(file)
+    except OSError as error:
+        raise UserError(f"weights file {file} cannot be read ({error.strerror}); check its permissions") from None
     if problem:
         raise UserError(
             f"weights file {file} looks truncated or corrupt ({problem}); re-save or re-download the model"

@@ -19,8 +19,9 @@ def register(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--suite", default="reasoning", help="suite name from eval_configs/ (reasoning, code, all)")
-    parser.add_argument("--benchmark", action="append", metavar="NAME",
-                        help="run only this benchmark of the suite, e.g. humanevalplus; repeatable (default: all)")
+    parser.add_argument("--benchmark", action="append", metavar="NAME", default=argparse.SUPPRESS,
+                        help="run only this benchmark of the suite, e.g. humanevalplus; repeatable; without it, "
+                             "every benchmark of the suite runs")
     parser.add_argument("--list-suites", action="store_true", help="list the suites with their settings and exit")
     parser.add_argument("--model", action="append", metavar="MODEL",
                         help="model folder, hub id, run folder (all its students) or .gguf file; repeatable")
@@ -62,7 +63,7 @@ def run(args) -> None:
     if not args.model:
         raise UserError("no --model given; pass a model folder, hub id, run folder or .gguf file (repeatable)")
     settings = EvalSettings(
-        suite=args.suite, benchmarks=tuple(args.benchmark or ()), limit=args.limit,
+        suite=args.suite, benchmarks=tuple(getattr(args, "benchmark", ())), limit=args.limit,
         data_dir=Path(args.data_dir) if args.data_dir else None, max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         force=args.force)

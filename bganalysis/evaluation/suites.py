@@ -64,8 +64,11 @@ def select_benchmarks(suite: str, benchmarks: list[Benchmark], names: tuple[str,
     known = [benchmark.name for benchmark in benchmarks]
     for name in names:
         if name not in known:
-            raise UserError(f"--benchmark {name!r} is not in suite {suite}; use one of {', '.join(known)}, "
-                            "or another --suite (bganalysis eval --list-suites)")
+            homes = [other for other in suite_names() if other not in (suite, "all")
+                     and name in {benchmark.name for benchmark in load_suite(other)[1]}]
+            elsewhere = f"pass --suite {homes[0]} for it, or " if homes else ""
+            raise UserError(f"--benchmark {name!r} is not in suite {suite}; {elsewhere}use one of {', '.join(known)} "
+                            "(bganalysis eval --list-suites)")
     return [benchmark for benchmark in benchmarks if not names or benchmark.name in names]
 
 

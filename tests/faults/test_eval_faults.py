@@ -46,6 +46,35 @@ def partial_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def broken_data(tmp_path_factory) -> Path:
+    """A --data-dir whose HumanEval+ file is not gzip and whose TheoremQA file is empty."""
+    folder = tmp_path_factory.mktemp("broken_data")
+    (folder / "humanevalplus").mkdir()
+    (folder / "humanevalplus" / "HumanEvalPlus.jsonl.gz").write_text('{"task_id": "HumanEval/0"}\n')
+    (folder / "theoremqa").mkdir()
+    (folder / "theoremqa" / "theoremqa_test.json").write_bytes(b"")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def broken_models(tmp_path_factory) -> dict[str, Path]:
+    """Model folders with a weight shard missing, and with a folder where the weights file should be."""
+    root = tmp_path_factory.mktemp("broken_models")
+    model, tokenizer = tiny_byte_model()
+    sharded = root / "shard_missing"
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    tokenizer.save_pretrained(sharded)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[1].unlink()
+    folder_weights = root / "weights_folder"
+    tiny_byte_model(folder_weights)
+    (folder_weights / "model.safetensors").unlink()
+    (folder_weights / "model.safetensors").mkdir()
+    return {"shard_missing": sharded, "weights_folder": folder_weights}
+
+
+@pytest.fixture(scope="module")
 def unanalysed_run(tmp_path_factory) -> Path:
     """A run folder with a student but no analysis."""
     run_dir = tmp_path_factory.mktemp("runs") / "run"
@@ -53,7 +82,7 @@ def unanalysed_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def _cases(model: Path, partial: Path, inputs: dict, run_dir: Path) -> dict[str, tuple]:
+def _cases(model: Path, partial: Path, inputs: dict, run_dir: Path, broken: Path, models: dict) -> dict[str, tuple]:
     """Case id -> (command, argv without --out, the text the message must name, other words it must hold)."""
     base = ["eval", "--model", str(model), "--data-dir", str(DATA)]
     cases = {
@@ -65,6 +94,12 @@ def _cases(model: Path, partial: Path, inputs: dict, run_dir: Path) -> dict[str,
         "eval-data-cot-prompt-missing": (
             "eval", ["eval", "--model", str(model), "--benchmark", "bbh", "--data-dir", str(partial)],
             str(partial / "bbh" / "cot-prompts" / "navigate.txt"), ()),
+        "eval-data-not-gzip": ("eval", [*base[:3], "--suite", "code", "--data-dir", str(broken)],
+                               str(broken / "humanevalplus" / "HumanEvalPlus.jsonl.gz"), ("not a gzip file",)),
+        "eval-data-empty": ("eval", [*base[:3], "--benchmark", "theoremqa", "--data-dir", str(broken)],
+                            str(broken / "theoremqa" / "theoremqa_test.json"), ("empty",)),
+        "eval-benchmark-other-suite": ("eval", [*base, "--suite", "code", "--benchmark", "mmlu"], "mmlu",
+                                       ("--suite reasoning",)),
         "eval-data-dir-missing": ("eval", [*base[:3], "--data-dir", str(partial / "nowhere")], "nowhere", ()),
         "eval-limit-zero": ("eval", [*base, "--limit", "0"], "--limit 0", ()),
         "eval-batch-size": ("eval", [*base, "--batch-size", "many"], "many", ("auto",)),
@@ -76,18 +111,23 @@ def _cases(model: Path, partial: Path, inputs: dict, run_dir: Path) -> dict[str,
     for fault in ("missing", "not_model", "truncated", "unreadable_model"):
         cases[f"eval-model-{fault}"] = ("eval", ["eval", "--model", str(inputs[fault]), "--data-dir", str(DATA),
                                                  "--suite", "code"], str(inputs[fault]), ())
+    for fault, named in (("shard_missing", "model-00002-of-"), ("weights_folder", "model.safetensors")):
+        # The good model comes first: the broken second one must stop the run before the first is evaluated.
+        cases[f"eval-model-{fault}"] = ("eval", [*base, "--suite", "code", "--model", str(models[fault])], named, ())
     return cases
 
 
-CASE_IDS = ["eval-suite-unknown", "eval-benchmark-unknown", "eval-data-file-missing", "eval-data-cot-prompt-missing",
-            "eval-data-dir-missing", "eval-limit-zero", "eval-batch-size", "plot-run-missing", "report-no-results",
-            "app-runs-missing", "eval-model-missing", "eval-model-not_model", "eval-model-truncated",
-            "eval-model-unreadable_model"]
+CASE_IDS = ["eval-suite-unknown", "eval-benchmark-unknown", "eval-benchmark-other-suite", "eval-data-file-missing",
+            "eval-data-cot-prompt-missing", "eval-data-not-gzip", "eval-data-empty", "eval-data-dir-missing",
+            "eval-limit-zero", "eval-batch-size", "plot-run-missing", "report-no-results", "app-runs-missing",
+            "eval-model-missing", "eval-model-not_model", "eval-model-truncated", "eval-model-unreadable_model",
+            "eval-model-shard_missing", "eval-model-weights_folder"]
 
 
 @pytest.mark.parametrize("name", CASE_IDS)
-def test_bad_input(byte_model, partial_data, inputs, unanalysed_run, tmp_path, name):
-    command, args, named, words = _cases(byte_model, partial_data, inputs, unanalysed_run)[name]
+def test_bad_input(byte_model, partial_data, inputs, unanalysed_run, broken_data, broken_models, tmp_path, name):
+    command, args, named, words = _cases(byte_model, partial_data, inputs, unanalysed_run, broken_data,
+                                         broken_models)[name]
     out = tmp_path / "out"
     if command == "eval":
         args = [*args, "--out", str(out)]
@@ -97,7 +137,8 @@ def test_bad_input(byte_model, partial_data, inputs, unanalysed_run, tmp_path, n
     assert FIX.search(message), f"the message says no fix: {message}"
     for word in words:
         assert word in message, message
-    assert files_under(out) == [] and files_under(unanalysed_run) == before
+    assert files_under(out) == []
+    assert files_under(unanalysed_run) == before
 
 
 def _progress(out: Path) -> int:
@@ -149,3 +190,15 @@ def test_eval_resumes_to_the_same_results(eval_reference, byte_model, tmp_path, 
     for path in out.glob("samples/*/*.generations.jsonl"):  # every task generated once, no cut-off line kept
         task_ids = [line.split('"task_id": ')[1].split(",")[0] for line in path.read_text().splitlines()]
         assert len(task_ids) == len(set(task_ids)) == 3
+
+
+def test_partial_bbh_warns(partial_data, caplog):
+    from bganalysis.evaluation.local_data import check_data_dir
+
+    prompt = partial_data / "bbh" / "cot-prompts" / "navigate.txt"
+    shutil.copy(DATA / "bbh" / "cot-prompts" / "navigate.txt", prompt)
+    try:
+        check_data_dir(["bbh"], partial_data)
+    finally:
+        prompt.unlink()
+    assert "bbh has 1 of the 27 subtasks" in caplog.text
