@@ -12,6 +12,10 @@ from pathlib import Path
 from bganalysis.io import atomic_write_text
 
 
+# Display name of each kappa estimator that `analyze --estimators` can label by.
+ESTIMATOR_NAMES = {"monte_carlo": "Monte-Carlo κ", "teacher_only": "teacher-only κ"}
+
+
 def _fmt(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -70,14 +74,27 @@ def soft_delta(a: dict, b: dict, key: str) -> str:
 def kappa_lines(summary: dict) -> list[str]:
     kappa = summary["kappa"]
     settings = summary["settings"]
-    lines = [f"κ: Monte-Carlo, student-aware (student **{summary['kappa_student']}**), K = {settings['kappa_k']} "
-             f"teacher top tokens, R = {settings['kappa_rollouts']} rollouts, H = {settings['kappa_horizon']} states; "
-             f"mean standard error {_fmt(kappa['mean_se'])} nats. Labels: per {summary['labels']['scope']}, top "
-             f"{summary['labels']['bridge_fraction']:.0%} by {summary['labels']['ranking']} = Bridge, bottom "
-             f"{summary['labels']['garden_fraction']:.0%} = Garden."]
+    labels = summary["labels"]
+    estimator = labels.get("estimator", "monte_carlo")
+    actions = f"K = {settings['kappa_k']} teacher top tokens"
+    if settings.get("kappa_include_observed"):
+        actions += " plus the observed token"
+    if settings.get("kappa_random"):
+        actions += f" plus {settings['kappa_random']} random tokens"
+    if estimator == "monte_carlo":
+        method = (f"κ: Monte-Carlo, student-aware (student **{summary['kappa_student']}**), {actions}, "
+                  f"R = {settings['kappa_rollouts']} rollouts, H = {settings['kappa_horizon']} states; "
+                  f"mean standard error {_fmt(kappa['mean_se'])} nats.")
+    else:
+        method = (f"κ: teacher-only counterfactual (no student, no sampling; the Monte-Carlo estimator did not run), "
+                  f"{actions}, H = {settings['kappa_horizon']} states.")
+    lines = [f"{method} Labels: per {labels['scope']}, top {labels['bridge_fraction']:.0%} by {labels['ranking']} "
+             f"= Bridge, bottom {labels['garden_fraction']:.0%} = Garden."]
     if "spearman_vs_exact" in kappa:
         lines.append("")
-        lines.append(f"Against the exact κ of the lab (dynamic programming): Spearman ρ = **{_fmt(kappa['spearman_vs_exact'])}**.")
+        name = ESTIMATOR_NAMES[estimator]
+        lines.append(f"{name[0].upper()}{name[1:]} against the exact κ of the lab (dynamic programming): "
+                     f"Spearman ρ = **{_fmt(kappa['spearman_vs_exact'])}**.")
         lines.append("")
         lines.append("| label set | precision vs exact labels | recall vs exact labels | precision vs true roles | recall vs true roles |")
         lines.append("|---|---|---|---|---|")
@@ -100,6 +117,7 @@ def kappa_lines(summary: dict) -> list[str]:
 def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> Path:
     """Write `run_dir/report.md` from an analysis summary; return its path."""
     students = summary["students"]
+    estimator = summary.get("labels", {}).get("estimator", "monte_carlo")
     lines = [
         f"# bganalysis report: {run_dir.name}",
         "",
@@ -143,7 +161,7 @@ def write_report(run_dir: Path, summary: dict, timings: dict | None = None) -> P
                           ("eb_per_step", "EB, TF and RO per decoding step"),
                           ("eb_regions", "EB and TF by region"),
                           ("kappa_map", "κ per token with Bridge/Garden marks"),
-                          ("kappa_vs_exact", "Monte-Carlo κ against exact κ (lab)"),
+                          ("kappa_vs_exact", f"{ESTIMATOR_NAMES[estimator]} against exact κ (lab)"),
                           *((path.stem, f"windowed EB, W = {path.stem.rpartition('_w')[2]}")
                             for path in sorted((run_dir / "figures").glob("eb_per_step_w*.png"))),
                           ("eb_region_steps", "EB per step on Bridge and Garden positions"),

@@ -52,6 +52,12 @@ def test_unknown_estimator_lists_the_valid_names(estimators):
         AnalyzeConfig(teacher="lab", students=["s"], out="o", estimators=estimators)
 
 
+def test_estimators_kept_in_one_order_without_repeats():
+    given = ["teacher_only", "monte_carlo", "teacher_only"]
+    config = AnalyzeConfig(teacher="lab", students=["s"], out="o", estimators=given)
+    assert config.estimators == ["monte_carlo", "teacher_only"]
+
+
 @pytest.fixture(scope="module")
 def lab_student(tmp_path_factory):
     folder = tmp_path_factory.mktemp("selection") / "student"
@@ -81,6 +87,9 @@ def test_teacher_only_run_labels_by_teacher_only(lab_student, tmp_path):
     assert positions.region.tolist() == expected.tolist()
     assert summary["kappa_spearman_vs_exact"] == pytest.approx(summary["kappa"]["teacher_only"]["spearman_vs_exact"])
     assert main(["plot", str(tmp_path / "run")]) == 0
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "κ: teacher-only counterfactual" in report
+    assert "2 teacher top tokens" in report
 
 
 def test_both_estimators_by_default_and_random_actions(lab_student, tmp_path):

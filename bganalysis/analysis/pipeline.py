@@ -75,7 +75,7 @@ class AnalyzeConfig:
 
     @property
     def label_estimator(self) -> str:
-        """Return the kappa estimator whose ranking labels Bridges and Gardens: the first selected of KAPPA_ESTIMATORS."""
+        """Return the kappa estimator whose ranking labels Bridges and Gardens: monte_carlo when it runs."""
         return next(name for name in KAPPA_ESTIMATORS if name in self.estimators)
 
     def label_column(self) -> str:
@@ -105,13 +105,16 @@ class AnalyzeConfig:
             ("windows", all(isinstance(w, int) and w >= 1 for w in self.windows), "a list of integers >= 1, e.g. 1,3,5"),
             ("bootstrap", self.bootstrap >= 10, "an integer >= 10"),
             ("kappa_random", self.kappa_random >= 0, "an integer >= 0"),
-            ("estimators", bool(self.estimators) and set(self.estimators) <= set(KAPPA_ESTIMATORS),
-             "a comma-separated list of: " + ", ".join(KAPPA_ESTIMATORS)),
         ]
         for name, ok, rule in checks:
             if not ok:
                 flag = {"num_lab_docs": "lab-docs"}.get(name, name.replace("_", "-"))
                 raise UserError(f"--{flag} {getattr(self, name)!r} is invalid: it must be {rule}")
+        unknown = [name for name in self.estimators if name not in KAPPA_ESTIMATORS]
+        if unknown or not self.estimators:
+            problem = f"{unknown[0]!r} is not a kappa estimator" if unknown else "the list is empty"
+            raise UserError(f"--estimators: {problem}; use a comma-separated list of: {', '.join(KAPPA_ESTIMATORS)}")
+        self.estimators = [name for name in KAPPA_ESTIMATORS if name in self.estimators]  # one order, no repeats
         if self.bridge_fraction + self.garden_fraction > 1:
             raise UserError(f"--bridge-fraction {self.bridge_fraction} plus --garden-fraction {self.garden_fraction} "
                             "exceeds 1; lower one of them")

@@ -34,10 +34,11 @@ def register(subparsers) -> None:
     parser.add_argument("--windows", type=_windows, default=[], help="comma-separated W values for windowed EB (the student writes W tokens after the teacher prefix up to t - W), e.g. 1,3,5")
     parser.add_argument("--kappa-random", type=int, default=0, metavar="N",
                         help="add N random tokens (drawn per position, outside the set) to the action set")
-    parser.add_argument("--estimators", type=_names, default=["monte_carlo", "teacher_only"],
+    parser.add_argument("--estimators", type=_names, default="monte_carlo,teacher_only",
                         help="kappa estimators to run, comma-separated: monte_carlo (student-aware, rollouts; the "
                              "costly one), teacher_only (counterfactual, no student). The teacher proxies always run, "
-                             "and the exact kappa on the lab. Labels rank by the first one run in this order")
+                             "and the exact kappa on the lab. Labels rank by monte_carlo when it runs, else by "
+                             "teacher_only")
     parser.add_argument("--kappa-include-observed", action="store_true", help="add the observed response token to the action set when it is not among the teacher's top K")
     parser.add_argument("--bridge-fraction", type=float, default=0.3, help="share of positions labelled Bridge (highest kappa)")
     parser.add_argument("--garden-fraction", type=float, default=0.3, help="share of positions labelled Garden (lowest kappa)")

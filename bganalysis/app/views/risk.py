@@ -28,5 +28,8 @@ def render(run: Path, names: list[str]) -> None:
     show(("regions", *stamp), lambda plt: risk.plot_kappa_by_region(plt, positions, kappa))
     st.subheader("Estimator agreement (Spearman rho)")
     st.dataframe(risk.agreement_table(summary), hide_index=True)
-    st.caption(f"Monte-Carlo kappa is student-aware, with student {summary.get('kappa_student')}; "
-               f"{len(positions)} positions. Proxies are oriented so that larger means riskier.")
+    if kappa[0] == "kappa":
+        about = f"Monte-Carlo kappa is student-aware, with student {summary.get('kappa_student')}"
+    else:
+        about = "The Monte-Carlo estimator did not run (analyze --estimators); teacher-only kappa needs no student"
+    st.caption(f"{about}; {len(positions)} positions. Proxies are oriented so that larger means riskier.")

@@ -61,7 +61,12 @@ def render(run: Path, names: list[str]) -> None:
         student = top[1].selectbox("Student (loss colour, continuation)", models,
                                    index=_index(models, params.get("student")), key="student")
         modes = list(COLOUR_MODES)
-        mode = top[2].radio("Colour by", modes, index=_index(modes, params.get("colour")), key="colour", horizontal=True)
+        # A run analysed with --estimators teacher_only has no Monte-Carlo kappa: show the teacher-only one.
+        only_teacher = rows.kappa.isna().all() and "teacher_only_kappa" in rows
+        default = modes.index("teacher-only kappa") if only_teacher else 0
+        requested = params.get("colour")
+        index = modes.index(requested) if requested in modes else default
+        mode = top[2].radio("Colour by", modes, index=index, key="colour", horizontal=True)
         positions = rows[rows.model == student].reset_index(drop=True)
         show_document(run, doc, student, mode, positions, models)
     from bganalysis.app.views import live
