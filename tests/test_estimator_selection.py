@@ -112,3 +112,9 @@ def test_teacher_only_run_in_the_app(lab_student, tmp_path):
     app = open_page(tmp_path / "runs", "Token map", "run")
     app.radio(key="colour").set_value("teacher-only kappa").run()
     assert not app.exception
+
+
+def test_random_actions_beyond_the_vocabulary_warn(lab_student, tmp_path, caplog):
+    tokens, _ = _analyse(lab_student, tmp_path / "run", "--kappa-random", "1000", "--estimators", "teacher_only")
+    assert "exceeds the vocabulary of 39 tokens" in caplog.text
+    assert (tokens.action_set_size <= 39).all()

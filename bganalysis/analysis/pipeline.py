@@ -168,6 +168,10 @@ def run_analysis(config: AnalyzeConfig) -> dict:
     rank, world = process_rank()
     settings = {**config_dict(config), "model_files": model_signature([config.teacher, *config.students])}
     store = ShardStore(Path(config.out) / "analysis" / "shards", settings, config.force)
+    if config.kappa_k + config.kappa_random > setup.teacher.vocab_size:
+        log.warning("--kappa-k %d plus --kappa-random %d exceeds the vocabulary of %d tokens; each action set "
+                    "holds every token the teacher can write", config.kappa_k, config.kappa_random,
+                    setup.teacher.vocab_size)
     shards = shard_ranges(len(setup.rows), config.shard_size)
     mine = [index for index in range(len(shards)) if index % world == rank and not store.has(index)]
     log.info("analysing %d documents in %d shards (%d to compute in process %d of %d) with %d students "
