@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,7 @@ def generate(model, tokenizer, problems: list[dict], settings: CodeSettings, pat
                    "solution": sanitize(solution, entrypoint=problem["entry_point"])}
             handle.write(json.dumps(row) + "\n")
             handle.flush()
+            os.fsync(handle.fileno())  # a finished generation survives a crash of the machine too
             done[row["task_id"]] = row
     return [done[problem["task_id"]] for problem in problems]
 

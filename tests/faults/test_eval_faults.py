@@ -7,6 +7,7 @@ local benchmark files, so it generates, scores in the sandbox and caches for rea
 from __future__ import annotations
 
 import random
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -147,6 +148,11 @@ def _progress(out: Path) -> int:
     return lines + len(list(out.glob("cache/*/*.json")))
 
 
+def _lines(path: Path) -> int:
+    """Whole lines in `path`: a cut-off last line does not count."""
+    return path.read_bytes().count(b"\n")
+
+
 def _tables(out: Path) -> dict[str, pd.DataFrame]:
     tables = {"results": pd.read_parquet(out / "results.parquet")}
     for path in sorted(out.glob("samples/*/*.parquet")):
@@ -175,14 +181,20 @@ def test_eval_resumes_to_the_same_results(eval_reference, byte_model, tmp_path, 
         assert "Traceback" not in stderr, stderr[-3000:]
     assert not (out / "results.parquet").exists()
     finished = {path.name.split("-")[0] for path in out.glob("cache/*/*.json")}  # benchmark names
+    generated = {path.name.split("-")[0]: _lines(path) for path in out.glob("samples/*/*.generations.jsonl")}
     if signum == signal.SIGKILL:
         for path in out.glob("samples/*/*.generations.jsonl"):
             if path.name.split("-")[0] not in finished:
                 with path.open("a") as handle:
-                    handle.write('{"task_id": "Mbpp/2", "gen')  # a write cut off by the kill
+                    handle.write('{"task_id": "Mbpp/9", "gen')  # a write cut off by the kill
 
     rerun = ok(run(args, tmp_path))
     assert all(f"{name}: cached" in rerun.stderr for name in finished), rerun.stderr[-3000:]
+    # The rerun generates only the tasks without a whole line: its progress bars count them.
+    totals = dict(re.findall(r"generate (humaneval|mbpp):[^|]*\|[^|]*\| *\d+/(\d+)", rerun.stderr))
+    for benchmark, dataset in (("humanevalplus", "humaneval"), ("mbppplus", "mbpp")):
+        expected = 0 if benchmark in finished else 3 - generated.get(benchmark, 0)
+        assert int(totals.get(dataset, 0)) == expected, (benchmark, totals)
     resumed, reference = _tables(out), _tables(eval_reference)
     assert resumed.keys() == reference.keys()
     for name, table in reference.items():
