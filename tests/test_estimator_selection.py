@@ -30,6 +30,12 @@ def test_random_actions_outside_the_top_k():
     assert set(extra) <= {2, 3, 4, 6}  # never the set's tokens, never a token of probability 0
 
 
+def test_random_actions_skip_excluded_tokens():
+    logprobs = torch.log_softmax(torch.zeros(6), dim=0)
+    actions = select_actions(logprobs, 1, random=10, generator=torch.Generator().manual_seed(0), exclude=(1, 2))
+    assert actions.tolist() == [0, 3, 4, 5]
+
+
 def test_random_actions_follow_the_generator():
     logprobs = torch.log_softmax(torch.randn(200, generator=torch.Generator().manual_seed(1)), dim=0)
 
@@ -98,6 +104,8 @@ def test_both_estimators_by_default_and_random_actions(lab_student, tmp_path):
     assert tokens.teacher_only_kappa.notna().all()
     assert summary["labels"]["estimator"] == "monte_carlo"
     assert (tokens.action_set_size == 4).all()
+    special = set(lab_tokenizer().all_special_ids)
+    assert not any(special & set(ids[2:]) for ids in tokens.action_ids)  # the random tokens are never special
     assert all(len(ids) == len(qs) == 4 for ids, qs in zip(tokens.action_ids, tokens.action_q))
     assert all(len(set(ids)) == 4 for ids in tokens.action_ids)
 

@@ -27,13 +27,14 @@ KAPPA_COLUMNS = ("kappa", "kappa_se", "kappa_abs", "kappa_spread",
 
 
 def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None, random: int = 0,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, exclude: tuple[int, ...] = ()) -> torch.Tensor:
     """Return the teacher's top-k token ids, then `observed` when given and not among them, then `random` others.
 
     Ties go to the smaller id (stable sort), so the set is reproducible. The random
     tokens are drawn with `generator`, without replacement, from the tokens the teacher
-    gives a finite log-probability and the set does not hold yet, in ascending id order.
-    They probe actions far from the teacher's choice, which the top-k never contains.
+    gives a finite log-probability, that the set does not contain yet and that are not in
+    `exclude` (special tokens such as padding), in ascending id order. They probe actions
+    far from the teacher's choice, which the top-k never contains.
     """
     order = torch.sort(teacher_logprobs, descending=True, stable=True).indices
     actions = order[:k]
@@ -42,6 +43,7 @@ def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None 
     if random > 0:
         candidates = torch.isfinite(teacher_logprobs)
         candidates[actions] = False
+        candidates[[token for token in exclude if token < len(candidates)]] = False
         pool = candidates.nonzero().squeeze(1)
         picks = pool[torch.randperm(len(pool), generator=generator)[:random]]
         actions = torch.cat([actions, picks.sort().values])

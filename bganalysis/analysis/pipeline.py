@@ -256,7 +256,8 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
     teacher_logprobs = doc_teacher_logprobs[t]
     observed = doc.response_ids[t] if config.kappa_include_observed else None
     action_generator = generator_for(config.seed, index, docs_module.PURPOSE_ACTIONS * 100_003 + t)
-    actions = select_actions(teacher_logprobs, config.kappa_k, observed, config.kappa_random, action_generator)
+    actions = select_actions(teacher_logprobs, config.kappa_k, observed, config.kappa_random, action_generator,
+                             exclude=tuple(setup.tokenizer.all_special_ids))
     weights = action_weights(teacher_logprobs, actions)
     row = {"position": t, "token_id": doc.response_ids[t], "action_set_size": len(actions)}
     row.update(teacher_proxies(teacher_logprobs))
