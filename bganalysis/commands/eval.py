@@ -36,9 +36,12 @@ def register(subparsers) -> None:
                         "(default: as stored)")
     parser.add_argument("--batch-size", default="8", help="lm-eval batch size: an integer, or auto to let lm-eval probe the largest that fits (meant for GPUs: its probe runs full-length batches, which can exhaust CPU memory)")
     chat = parser.add_mutually_exclusive_group()
-    chat.add_argument("--apply-chat-template", dest="chat_template", action="store_true", default=None,
-                      help="wrap prompts in the tokenizer's chat template (default: when it has one)")
-    chat.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="plain prompts")
+    # Neither flag: the template is used when the tokenizer has one (args.chat_template is then absent).
+    chat.add_argument("--apply-chat-template", dest="chat_template", action="store_true", default=argparse.SUPPRESS,
+                      help="wrap prompts in the tokenizer's chat template; without either flag it is used when the "
+                           "tokenizer has one")
+    chat.add_argument("--no-chat-template", dest="chat_template", action="store_false", default=argparse.SUPPRESS,
+                      help="plain prompts, even when the tokenizer has a chat template")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="generation cap for chain-of-thought and code answers (lm-eval's BBH uses 1024, "
                              "evalplus 768; lower is faster on a CPU)")
@@ -65,7 +68,7 @@ def run(args) -> None:
     settings = EvalSettings(
         suite=args.suite, benchmarks=tuple(getattr(args, "benchmark", ())), limit=args.limit,
         data_dir=Path(args.data_dir) if args.data_dir else None, max_new_tokens=args.max_new_tokens,
-        chat_template=args.chat_template, batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        chat_template=getattr(args, "chat_template", None), batch_size=args.batch_size, device=args.device, dtype=args.dtype,
         force=args.force)
     # An unknown suite or benchmark, or a missing data file, fails before any model is loaded.
     check_data_dir([benchmark.name for benchmark in selected_benchmarks(settings)], settings.data_dir)
