@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bganalysis.analysis.labels import KAPPA_ESTIMATORS
 from bganalysis.io import atomic_write_text
 
 
-# Display name of each kappa estimator that `analyze --estimators` can label by.
-ESTIMATOR_NAMES = {"monte_carlo": "Monte-Carlo κ", "teacher_only": "teacher-only κ"}
+# Display name of each kappa estimator that `analyze --estimators` can label by, with the κ symbol.
+ESTIMATOR_NAMES = {estimator: name.replace("kappa", "κ") for estimator, (_, name) in KAPPA_ESTIMATORS.items()}
 
 
 def _fmt(value, digits: int = 3) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bganalysis.analysis.labels import KAPPA_ESTIMATORS, estimator_column
 from bganalysis.plots.style import REGION_COLOURS, method_colour, pyplot, save
 
 log = logging.getLogger(__name__)
@@ -37,15 +38,13 @@ def write_analysis_figures(folder: Path, tokens: pd.DataFrame, steps: pd.DataFra
 
 
 MIN_DOCUMENTS_PER_STEP = 5
-# Column and display name of each kappa estimator that `analyze --estimators` can run.
-KAPPA_ESTIMATOR_COLUMNS = {"monte_carlo": ("kappa", "Monte-Carlo kappa"),
-                           "teacher_only": ("teacher_only_kappa", "teacher-only kappa")}
-KAPPA_NAMES = dict(KAPPA_ESTIMATOR_COLUMNS.values())
+KAPPA_NAMES = {estimator_column(estimator): name for estimator, (_, name) in KAPPA_ESTIMATORS.items()}  # column -> name
 
 
 def label_kappa(summary: dict) -> tuple[str, str]:
     """Return (column, name) of the kappa estimator whose ranking labelled the regions."""
-    return KAPPA_ESTIMATOR_COLUMNS[summary.get("labels", {}).get("estimator", "monte_carlo")]
+    estimator = summary.get("labels", {}).get("estimator", "monte_carlo")
+    return estimator_column(estimator), KAPPA_ESTIMATORS[estimator][1]
 
 
 def plot_eb_per_step(plt, steps: pd.DataFrame, window: int | None = None):

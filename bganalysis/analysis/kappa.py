@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from bganalysis.analysis.kappa_sampling import STRATIFIED_HEAD, RolloutSpread, kappa_standard_error, rollout_plan
+from bganalysis.analysis.labels import KAPPA_ESTIMATORS, estimator_column
 from bganalysis.losses import kl_from_logprobs
 from bganalysis.rollout import ModelRunner, rollouts_after_tokens
 
 
-# The kappa estimators `bganalysis analyze --estimators` can run, and the columns they fill.
-KAPPA_ESTIMATORS = ("monte_carlo", "teacher_only")
-KAPPA_COLUMNS = ("kappa", "kappa_se", "kappa_abs", "kappa_spread",
-                 "teacher_only_kappa", "teacher_only_kappa_abs", "teacher_only_kappa_spread")
+# The columns the kappa estimators fill; an estimator that `analyze --estimators` leaves out leaves them NaN.
+KAPPA_COLUMNS = ("kappa_se", *(estimator_column(estimator, ranking) for estimator in KAPPA_ESTIMATORS
+                               for ranking in ("kappa", "kappa_abs", "kappa_spread")))
 
 
 def select_actions(teacher_logprobs: torch.Tensor, k: int, observed: int | None = None, random: int = 0,

@@ -7,6 +7,15 @@ import math
 import numpy as np
 import pandas as pd
 
+# The kappa estimators `analyze --estimators` can run, in the order that picks the one labels rank by:
+# name -> (prefix of its kappa, kappa_abs and kappa_spread columns in the position table, display name).
+KAPPA_ESTIMATORS = {"monte_carlo": ("", "Monte-Carlo kappa"), "teacher_only": ("teacher_only_", "teacher-only kappa")}
+
+
+def estimator_column(estimator: str, ranking: str = "kappa") -> str:
+    """Return the position-table column of `estimator`'s `ranking` (kappa, kappa_abs or kappa_spread)."""
+    return KAPPA_ESTIMATORS[estimator][0] + ranking
+
 
 def label_by_rank(values: np.ndarray, bridge_fraction: float, garden_fraction: float) -> tuple[np.ndarray, float, float]:
     """Label the top `bridge_fraction` of `values` Bridge and the bottom `garden_fraction` Garden.

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 from bganalysis.analysis import documents as docs_module
 from bganalysis.analysis.documents import AnalysisDocument, generator_for
 from bganalysis.analysis.details import first_continuation, top_next_tokens
-from bganalysis.analysis.kappa import (KAPPA_COLUMNS, KAPPA_ESTIMATORS, action_weights, kappa_from_q,
-                                      monte_carlo_kappa, select_actions, teacher_only_kappa, teacher_proxies)
+from bganalysis.analysis.kappa import (KAPPA_COLUMNS, action_weights, kappa_from_q, monte_carlo_kappa,
+                                      select_actions, teacher_only_kappa, teacher_proxies)
 from bganalysis.analysis.kappa_sampling import KAPPA_SAMPLING, RolloutSpread
+from bganalysis.analysis.labels import KAPPA_ESTIMATORS, estimator_column
 from bganalysis.analysis.shards import ShardStore, model_signature, process_rank, shard_ranges
 from bganalysis.analysis.statistics import StepArrays
 from bganalysis.errors import UserError
@@ -80,8 +81,7 @@ class AnalyzeConfig:
 
     def label_column(self) -> str:
         """Return the column of `positions` the labels rank by."""
-        prefix = "" if self.label_estimator == "monte_carlo" else "teacher_only_"
-        return prefix + self.label_ranking
+        return estimator_column(self.label_estimator, self.label_ranking)
 
     def __post_init__(self):
         checks = [
@@ -256,14 +256,15 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
     teacher_logprobs = doc_teacher_logprobs[t]
     observed = doc.response_ids[t] if config.kappa_include_observed else None
     action_generator = generator_for(config.seed, index, docs_module.PURPOSE_ACTIONS * 100_003 + t)
+    special = tuple(setup.tokenizer.all_special_ids) if config.kappa_random else ()  # read only when drawing
     actions = select_actions(teacher_logprobs, config.kappa_k, observed, config.kappa_random, action_generator,
-                             exclude=tuple(setup.tokenizer.all_special_ids))
+                             exclude=special)
     weights = action_weights(teacher_logprobs, actions)
     row = {"position": t, "token_id": doc.response_ids[t], "action_set_size": len(actions)}
     row.update(teacher_proxies(teacher_logprobs))
 
     row.update({key: math.nan for key in KAPPA_COLUMNS})  # an estimator that does not run leaves NaN
-    row.update({"action_ids": actions.tolist(), "action_q": [math.nan] * len(actions)})
+    row.update({"action_ids": actions.tolist(), "action_q": [math.nan] * len(actions)})  # Q per forced action
     if "monte_carlo" in config.estimators:
         generator = generator_for(config.seed, index, docs_module.PURPOSE_KAPPA * 100_003 + t)
         estimate = monte_carlo_kappa(
@@ -272,7 +273,7 @@ def position_kappa(config: AnalyzeConfig, setup, index: int, doc: AnalysisDocume
             spread,
         )
         row.update({key: estimate[key] for key in ("kappa", "kappa_se", "kappa_abs", "kappa_spread")})
-        row.update({"action_ids": estimate["actions"], "action_q": estimate["q"]})  # loss-to-go per forced action
+        row["action_q"] = estimate["q"]  # loss-to-go per forced action, in the order of action_ids
 
     if "teacher_only" in config.estimators:
         horizon = min(config.kappa_horizon, len(doc.response_ids) - 1 - t)
