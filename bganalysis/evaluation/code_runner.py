@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bganalysis.evaluation.local_data import LOCAL_FILES, check_data_dir
+from bganalysis.evaluation.local_data import LOCAL_FILES
 from bganalysis.evaluation.sandbox import SandboxLimits, private_workdir, remove_workdir, run_sandboxed
 from bganalysis.io import drop_cut_off_line
 
@@ -51,8 +51,7 @@ class CodeSettings:
 def load_problems(dataset: str, data_dir: Path | None, limit: int | None) -> list[dict]:
     """The first `limit` problems as raw JSON rows, from `data_dir` or evalplus's download."""
     if data_dir is not None:
-        check_data_dir([BENCHMARKS[dataset]], data_dir)
-        path = Path(data_dir) / LOCAL_FILES[BENCHMARKS[dataset]][0]
+        path = Path(data_dir) / LOCAL_FILES[BENCHMARKS[dataset]][0]  # checked by check_data_dir before any run
     else:
         path = Path(_download(dataset))
     opener = gzip.open if path.suffix == ".gz" else open

@@ -2,7 +2,8 @@
 
 A suite that runs for an hour must not stop at its fourth benchmark for a file that
 was missing from the start, so `check_data_dir` looks for every file of every selected
-benchmark first. The layout is the one `docs/eval.md` shows.
+benchmark first. `bganalysis eval` calls it before it loads a model, and
+`evaluate_model` before its first benchmark. The layout is the one `docs/eval.md` shows.
 """
 
 from __future__ import annotations
@@ -59,11 +60,7 @@ def file_problems(benchmark: str, data_dir: Path) -> list[tuple[Path, str]]:
 
 
 def check_data_dir(benchmarks: list[str], data_dir: Path | None) -> None:
-    """Raise UserError naming the first unreadable file of any of `benchmarks` under `data_dir`.
-
-    A BBH or MMLU folder with fewer subtasks than the release is allowed (a subset on
-    purpose), with a warning, since the score then covers only those subtasks.
-    """
+    """Raise UserError naming the first unreadable file of any of `benchmarks` under `data_dir`."""
     if data_dir is None:
         return
     for benchmark in benchmarks:
@@ -72,9 +69,16 @@ def check_data_dir(benchmarks: list[str], data_dir: Path | None) -> None:
             (path, problem), more = problems[0], f" (and {len(problems) - 1} more files)" if len(problems) > 1 else ""
             raise UserError(f"--data-dir {data_dir}: {benchmark} needs {path}, which is {problem}{more}; add the files "
                             "in the layout of docs/eval.md, or select the other benchmarks with --benchmark")
-        if benchmark in RELEASE_SUBTASKS:
-            pattern, total = RELEASE_SUBTASKS[benchmark]
-            found = len(list(Path(data_dir).glob(pattern)))
-            if found < total:
-                log.warning("--data-dir %s: %s has %d of the %d subtasks of its release; its score covers only those",
-                            data_dir, benchmark, found, total)
+
+
+def warn_if_partial(benchmark: str, data_dir: Path) -> None:
+    """Log a warning when `data_dir` has fewer BBH tasks or MMLU subjects than their release.
+
+    Such a subset is allowed (it may be on purpose), but the score then covers only those subtasks.
+    """
+    if benchmark in RELEASE_SUBTASKS:
+        pattern, total = RELEASE_SUBTASKS[benchmark]
+        found = len(list(Path(data_dir).glob(pattern)))
+        if found < total:
+            log.warning("--data-dir %s: %s has %d of the %d subtasks of its release; its score covers only those",
+                        data_dir, benchmark, found, total)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bganalysis.errors import UserError
+from bganalysis.evaluation.local_data import check_data_dir, warn_if_partial
 from bganalysis.evaluation.results import ResultStore, settings_hash
 from bganalysis.evaluation.suites import Benchmark, load_suite, select_benchmarks
 from bganalysis.evaluation.sources import ModelSource, model_hash
@@ -47,7 +48,7 @@ class EvalSettings:
 
 
 def selected_benchmarks(settings: EvalSettings) -> list[Benchmark]:
-    """The suite's benchmarks that `settings` selects; UserError for an unknown suite or benchmark."""
+    """Return the suite's benchmarks that `settings` selects; raise UserError for an unknown suite or benchmark."""
     _, benchmarks = load_suite(settings.suite)
     return select_benchmarks(settings.suite, benchmarks, settings.benchmarks)
 
@@ -63,6 +64,7 @@ def benchmark_settings(benchmark: Benchmark, settings: EvalSettings, chat_templa
 def evaluate_model(model, tokenizer, name: str, settings: EvalSettings, store: ResultStore) -> list[dict]:
     """Run (or take from the cache) every benchmark of the suite for one loaded model."""
     benchmarks = selected_benchmarks(settings)
+    check_data_dir([benchmark.name for benchmark in benchmarks], settings.data_dir)  # before the first one runs
     chat = tokenizer.chat_template is not None if settings.chat_template is None else settings.chat_template
     if chat and tokenizer.chat_template is None:
         raise UserError(f"--apply-chat-template: model {name} has no chat template; pass --no-chat-template")
@@ -106,7 +108,9 @@ def _run_lm_eval(lm, benchmark: Benchmark, settings: EvalSettings, chat: bool):
     from bganalysis.evaluation.tasks import HUB, task_configs
 
     configs = task_configs(benchmark.name, benchmark.task, settings.data_dir, settings.max_new_tokens)
-    if settings.data_dir is None:
+    if settings.data_dir is not None:
+        warn_if_partial(benchmark.name, settings.data_dir)
+    else:
         log.info("fetching %s from the Hugging Face Hub (%s), unless the datasets cache has it; "
                  "--data-dir reads local files instead", benchmark.name, HUB[benchmark.name])
     metrics, samples = run_benchmark(lm, configs, LmEvalSettings(settings.limit, chat, settings.batch_size))

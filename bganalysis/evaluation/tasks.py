@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 from bganalysis.errors import UserError
-from bganalysis.evaluation.local_data import check_data_dir
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "eval_configs"
 HUB = {"bbh": "SaylorTwift/bbh", "mmlu": "cais/mmlu", "arc_challenge": "allenai/ai2_arc", "theoremqa": "TIGER-Lab/TheoremQA"}
@@ -32,7 +31,6 @@ def task_configs(benchmark: str, template: Path, data_dir: Path | None, max_new_
     builders = {"bbh": _bbh, "mmlu": _mmlu, "arc_challenge": _arc, "theoremqa": _theoremqa}
     if benchmark not in builders:
         raise UserError(f"benchmark {benchmark!r} has no lm-eval task builder; use one of {', '.join(builders)}")
-    check_data_dir([benchmark], data_dir)
     return [{**base, **extra} for extra in builders[benchmark](data_dir)]
 
 
