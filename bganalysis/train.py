@@ -87,8 +87,6 @@ def train(config: TrainConfig, callbacks: tuple = ()) -> Path:
 
 def _prepare_run_dir(config: TrainConfig, run_dir: Path):
     """Check the checkpoint folder against `config.resume`; return the checkpoint to resume from, or None."""
-    import yaml
-
     saved_path = run_dir / "train_config.yaml"
     checkpoint = _last_complete_checkpoint(run_dir)
     if not config.resume:
@@ -99,18 +97,13 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path):
         return None  # the folder is written by _start_run_dir, once teacher, student and data have loaded
     if checkpoint is None:
         raise UserError(f"--resume was given but {run_dir} has no checkpoint; run without --resume to start training")
-    try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        saved = None
-    if not isinstance(saved, dict):
+    saved = _saved_settings(saved_path)
+    if saved is None:
         raise UserError(f"cannot resume {run_dir}: its train_config.yaml is missing or unreadable, so the settings "
                         f"of the interrupted run are unknown; delete {run_dir} to start over")
-    current = dataclasses.asdict(config)
-    changed = sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
+    changed = _changed_settings(saved, config, RESUMABLE_CHANGES)
     if changed:
-        details = ", ".join(f"{key}={saved.get(key)!r} -> {current[key]!r}" for key in changed)
-        raise UserError(f"cannot resume {run_dir}: settings differ from the interrupted run ({details}); "
+        raise UserError(f"cannot resume {run_dir}: settings differ from the interrupted run ({', '.join(changed)}); "
                         "use the same settings, or delete the folder to start over")
     step = int(Path(checkpoint).name.split("-")[-1])
     if int(os.environ.get("RANK", "0")) != 0:
@@ -122,25 +115,36 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path):
 
 
 def _check_finished_student(config: TrainConfig, folder: Path) -> None:
-    """Raise UserError when `folder` holds a student trained with other settings, unless `config.force`."""
-    import yaml
-
+    """Raise UserError when `folder` contains a student trained with other settings, unless `config.force`."""
     saved_path = folder / "train_config.yaml"
     if config.force or not saved_path.is_file():
         return
-    try:
-        saved = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        saved = None
-    current = dataclasses.asdict(config)
-    if not isinstance(saved, dict):
+    saved = _saved_settings(saved_path)
+    if saved is None:
         changed = ["train_config.yaml is unreadable"]
     else:
-        changed = [f"{key}={saved.get(key)!r} -> {current[key]!r}" for key in sorted(current)
-                   if key not in (*RESUMABLE_CHANGES, "out") and saved.get(key) != current[key]]
+        changed = _changed_settings(saved, config, (*RESUMABLE_CHANGES, "out"))
     if changed:
         raise UserError(f"{folder} holds a student trained with other settings ({', '.join(changed)}); pass --force "
                         "to replace it, or choose another --out or --name")
+
+
+def _saved_settings(path: Path) -> dict | None:
+    """Return the settings in the train_config.yaml at `path`, or None when it is missing or unreadable."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def _changed_settings(saved: dict, config: TrainConfig, ignored: tuple[str, ...]) -> list[str]:
+    """Return "key=saved -> current" for each setting of `config` outside `ignored` that differs, sorted by key."""
+    current = dataclasses.asdict(config)
+    return [f"{key}={saved.get(key)!r} -> {current[key]!r}" for key in sorted(current)
+            if key not in ignored and saved.get(key) != current[key]]
 
 
 def _start_run_dir(config: TrainConfig, run_dir: Path) -> None:
