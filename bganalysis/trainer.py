@@ -52,7 +52,7 @@ def lr_factor(warmup_steps: int, steps: int):
 
 
 class TeacherSide(NamedTuple):
-    """What both loss paths need from one micro-batch before the student runs."""
+    """The parts of one micro-batch that both loss paths need before the student runs."""
 
     inputs: dict  # the model inputs: the batch without targets, on-policy flags and cache tensors
     targets: torch.Tensor  # hard targets [batch, seq]: the data's, or the teacher's argmax

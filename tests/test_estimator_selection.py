@@ -59,8 +59,8 @@ def test_unknown_estimator_lists_the_valid_names(estimators):
 
 
 def test_estimators_kept_in_one_order_without_repeats():
-    given = ["teacher_only", "monte_carlo", "teacher_only"]
-    config = AnalyzeConfig(teacher="lab", students=["s"], out="o", estimators=given)
+    requested = ["teacher_only", "monte_carlo", "teacher_only"]
+    config = AnalyzeConfig(teacher="lab", students=["s"], out="o", estimators=requested)
     assert config.estimators == ["monte_carlo", "teacher_only"]
 
 

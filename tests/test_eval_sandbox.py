@@ -170,7 +170,8 @@ def test_killed_caller_leaves_no_sandbox(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while not _processes_mentioning(f"sleep {marker}"):
-            assert time.monotonic() < deadline and caller.poll() is None, "the sandboxed sleep never started"
+            assert time.monotonic() < deadline, "the sandboxed sleep never started"
+            assert caller.poll() is None, "the caller exited before the sandboxed sleep started"
             time.sleep(0.05)
     finally:
         caller.kill()

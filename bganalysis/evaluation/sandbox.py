@@ -6,7 +6,7 @@ memory limit (`EVALPLUS_MAX_MEMORY_BYTES`), and disables `os.fork`, `os.kill`,
 (its own docstring says so). This module adds a layer around the whole execution step:
 
 - a child process in its own session (process group), ended with SIGTERM and then
-  SIGKILL at a wall-clock limit, and the whole group killed when it returns; the
+  SIGKILL at a wall-clock limit, and the whole group killed when it returns. The
   child also gets SIGKILL from the kernel when the caller dies, even by SIGKILL;
 - resource limits inherited by every process below it: address space (`memory_bytes`,
   so a 4 GB allocation fails with MemoryError), file size (`file_bytes`, so an output
